@@ -1,0 +1,584 @@
+//! Configuration: `config/switchboard.toml`, overridden key by key from `SWITCHBOARD_<SECTION>_<KEY>`.
+//!
+//! Loading is strict: an unknown key, a value of the wrong type or one out of range stops the server at
+//! start with a message that names the key (`signaling.max_invitees: must be 1..=100`). Every default here
+//! is also written, commented, in `config/switchboard.toml`; `tests::shipped_file_matches_defaults` keeps
+//! the two in step.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key is unknown, of the wrong type, or out of range.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key, as `section.key`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// HTTP and WebSocket listener.
+    pub server: ServerConfig,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// Call invitation rules and session limits.
+    pub signaling: SignalingConfig,
+    /// The embedded database.
+    pub storage: StorageConfig,
+    /// The SFU's UDP port and workers.
+    pub media: MediaConfig,
+    /// Resolution tiers and ledger checkpoints.
+    pub billing: BillingConfig,
+    /// Operator webhooks.
+    pub webhooks: WebhooksConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the HTTP/WebSocket listener.
+    pub listen: SocketAddr,
+    /// Seconds a drain lets calls in progress continue before ending them.
+    pub drain_timeout: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7880)),
+            drain_timeout: 300,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret for access tokens. Required unless `--dev`.
+    pub secret: String,
+}
+
+/// What the server does when a busy user is invited or invites (PROTOCOL.md 3.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BusyPolicy {
+    /// The server refuses: the invitee's state becomes `busy`, a busy caller's invite fails.
+    Reject,
+    /// The server lets it through and clients decide.
+    Allow,
+}
+
+/// `[signaling]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignalingConfig {
+    /// `reject` or `allow`.
+    pub busy_policy: BusyPolicy,
+    /// Seconds an invitation rings when `call_invite` names no timeout.
+    pub default_timeout: u32,
+    /// Most invitees in one `call_invite` or `calling_invite`.
+    pub max_invitees: usize,
+    /// Most users in one call, the caller included.
+    pub max_call_users: usize,
+    /// Most bytes of `extended_data`.
+    pub max_extended_data: usize,
+    /// Seconds a user may have no live session before they count as gone.
+    pub disconnect_grace: u64,
+    /// Seconds a general-mode call's room may stay empty before the call ends `completed`.
+    pub room_empty_timeout: u64,
+    /// Seconds between client keepalives; a session silent for twice this is closed.
+    pub heartbeat: u64,
+    /// Requests per second a session may send (token bucket rate).
+    pub rate: u32,
+    /// Requests a session may send at once (token bucket size).
+    pub burst: u32,
+    /// Largest WebSocket frame, in bytes.
+    pub max_frame: usize,
+}
+
+impl Default for SignalingConfig {
+    fn default() -> Self {
+        Self {
+            busy_policy: BusyPolicy::Reject,
+            default_timeout: 90,
+            max_invitees: 9,
+            max_call_users: 10,
+            max_extended_data: 4096,
+            disconnect_grace: 30,
+            room_empty_timeout: 30,
+            heartbeat: 30,
+            rate: 50,
+            burst: 100,
+            max_frame: 65536,
+        }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Path of the SQLite database; its directory is created if missing.
+    pub path: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data/switchboard.db"),
+        }
+    }
+}
+
+/// `[media]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// The one UDP port for all media.
+    pub udp_port: u16,
+    /// Address the UDP socket binds to.
+    pub bind: IpAddr,
+    /// Addresses announced as host candidates (for 1:1 NAT). Empty: the bind address, or when that is
+    /// unspecified, every local interface address.
+    pub public_ips: Vec<IpAddr>,
+    /// Media worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            udp_port: 7882,
+            bind: IpAddr::from([127, 0, 0, 1]),
+            public_ips: Vec::new(),
+            workers: 0,
+        }
+    }
+}
+
+/// One billing tier: a name and the largest aggregate pixel count it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// The tier's name as it appears in reports.
+    pub name: String,
+    /// Largest aggregate `width × height` in this tier; absent on the last, unbounded tier. The first
+    /// tier is the audio tier and has 0.
+    pub max_pixels: Option<u64>,
+}
+
+/// `[billing]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BillingConfig {
+    /// Seconds between ledger checkpoints of a running interval.
+    pub checkpoint: u64,
+    /// Ordered tiers; the first is audio-only (0 pixels), the last is unbounded.
+    pub tiers: Vec<TierConfig>,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        let tier = |name: &str, max: Option<u64>| TierConfig {
+            name: name.to_owned(),
+            max_pixels: max,
+        };
+        Self {
+            checkpoint: 10,
+            tiers: vec![
+                tier("audio", Some(0)),
+                tier("hd", Some(921_600)),
+                tier("full_hd", Some(2_073_600)),
+                tier("2k", Some(3_686_400)),
+                tier("4k", Some(8_847_360)),
+                tier("4k_plus", None),
+            ],
+        }
+    }
+}
+
+/// `[webhooks]`
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Receivers; every event goes to each.
+    pub urls: Vec<String>,
+    /// HMAC-SHA256 key for the signature header. Required when `urls` is not empty.
+    pub signing_key: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `switchboard=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+impl Config {
+    /// Reads `path` (if any), applies `SWITCHBOARD_*` overrides from `env`, and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "defaults".to_owned()),
+        };
+        Self::from_toml_and_env(&text, &origin, env)
+    }
+
+    /// Parses TOML text, applies overrides, validates. `origin` names the text in errors.
+    pub fn from_toml_and_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: origin.to_owned(),
+                    message: e.message().to_owned(),
+                })?;
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            apply_override(&mut table, &name, rest, &value)?;
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                ConfigError::Invalid {
+                    key: if key == "." { "config".into() } else { key },
+                    message: e.into_inner().message().to_owned(),
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.signaling;
+        range(
+            "signaling.default_timeout",
+            s.default_timeout as u64,
+            1,
+            600,
+        )?;
+        range("signaling.max_invitees", s.max_invitees as u64, 1, 100)?;
+        range("signaling.max_call_users", s.max_call_users as u64, 2, 1000)?;
+        range(
+            "signaling.max_extended_data",
+            s.max_extended_data as u64,
+            0,
+            1 << 20,
+        )?;
+        range("signaling.disconnect_grace", s.disconnect_grace, 0, 3600)?;
+        range(
+            "signaling.room_empty_timeout",
+            s.room_empty_timeout,
+            0,
+            86_400,
+        )?;
+        range("signaling.heartbeat", s.heartbeat, 1, 3600)?;
+        range("signaling.rate", s.rate as u64, 1, 1_000_000)?;
+        range("signaling.burst", s.burst as u64, 1, 1_000_000)?;
+        range("signaling.max_frame", s.max_frame as u64, 1024, 16 << 20)?;
+        range("server.drain_timeout", self.server.drain_timeout, 0, 86_400)?;
+        range("billing.checkpoint", self.billing.checkpoint, 1, 3600)?;
+        if self.media.udp_port == 0 {
+            // Port 0 is allowed: tests bind an ephemeral port and read it back.
+        }
+        if self.storage.path.as_os_str().is_empty() {
+            return invalid("storage.path", "must not be empty");
+        }
+        let tiers = &self.billing.tiers;
+        if tiers.len() < 2 {
+            return invalid(
+                "billing.tiers",
+                "needs an audio tier and at least one video tier",
+            );
+        }
+        if tiers[0].max_pixels != Some(0) {
+            return invalid(
+                "billing.tiers",
+                "the first tier is the audio tier: max_pixels = 0",
+            );
+        }
+        if tiers.last().is_some_and(|t| t.max_pixels.is_some()) {
+            return invalid(
+                "billing.tiers",
+                "the last tier must have no max_pixels (unbounded)",
+            );
+        }
+        let mut prev = 0;
+        for (i, t) in tiers.iter().enumerate() {
+            if t.name.is_empty() || tiers[..i].iter().any(|o| o.name == t.name) {
+                return invalid("billing.tiers", "tier names must be non-empty and distinct");
+            }
+            if i > 0 && i + 1 < tiers.len() {
+                match t.max_pixels {
+                    Some(m) if m > prev => prev = m,
+                    _ => {
+                        return invalid(
+                            "billing.tiers",
+                            "max_pixels must rise strictly from tier to tier",
+                        );
+                    }
+                }
+            }
+        }
+        if !self.webhooks.urls.is_empty() && self.webhooks.signing_key.is_empty() {
+            return invalid("webhooks.signing_key", "required when webhooks.urls is set");
+        }
+        for url in &self.webhooks.urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return invalid(
+                    "webhooks.urls",
+                    "each URL must start with http:// or https://",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of media workers to run.
+    pub fn media_workers(&self) -> usize {
+        if self.media.workers > 0 {
+            self.media.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+fn range(key: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+    if v < lo || v > hi {
+        return invalid(key, &format!("must be {lo}..={hi}, got {v}"));
+    }
+    Ok(())
+}
+
+fn invalid<T>(key: &str, message: &str) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.to_owned(),
+    })
+}
+
+/// Sections, so that `SWITCHBOARD_SIGNALING_BUSY_POLICY` splits into `signaling` and `busy_policy`.
+const SECTIONS: &[&str] = &[
+    "server",
+    "auth",
+    "signaling",
+    "storage",
+    "media",
+    "billing",
+    "webhooks",
+    "log",
+];
+
+fn apply_override(
+    table: &mut toml::Table,
+    var: &str,
+    rest: &str,
+    raw: &str,
+) -> Result<(), ConfigError> {
+    let lower = rest.to_ascii_lowercase();
+    let Some((section, key)) = SECTIONS.iter().find_map(|s| {
+        lower
+            .strip_prefix(s)
+            .and_then(|k| k.strip_prefix('_'))
+            .map(|k| (*s, k.to_owned()))
+    }) else {
+        return invalid(var, "not a known SWITCHBOARD_<SECTION>_<KEY> variable");
+    };
+    let value = parse_env_value(raw);
+    let entry = table
+        .entry(section)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(section_table) = entry.as_table_mut() else {
+        return invalid(section, "must be a table");
+    };
+    section_table.insert(key, value);
+    Ok(())
+}
+
+/// An environment value is read as a TOML value when it is one (`42`, `true`, `["a","b"]`,
+/// `[{name="audio",max_pixels=0}]`); a comma in anything else makes a list of strings (`PUBLIC_IPS=1.2.3.4,5.6.7.8`);
+/// otherwise it is a string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    if let Ok(mut t) = doc.parse::<toml::Table>() {
+        if let Some(v) = t.remove("v") {
+            return v;
+        }
+    }
+    if raw.contains(',') {
+        return toml::Value::Array(
+            raw.split(',')
+                .map(|s| toml::Value::String(s.trim().to_owned()))
+                .filter(|v| v.as_str().is_some_and(|s| !s.is_empty()))
+                .collect(),
+        );
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_file_matches_defaults() {
+        let text = include_str!("../config/switchboard.toml");
+        let shipped = Config::from_toml_and_env(text, "switchboard.toml", []).expect("valid");
+        let defaults = Config::default();
+        assert_eq!(
+            toml::to_string(&shipped).expect("serializes"),
+            toml::to_string(&defaults).expect("serializes"),
+            "config/switchboard.toml must set every key to its default"
+        );
+        // Every key of every section is written (commented or not) in the shipped file.
+        let table = toml::Value::try_from(&defaults).expect("to value");
+        for (section, keys) in table.as_table().expect("table") {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "[{section}] missing"
+            );
+            for key in keys.as_table().expect("section table").keys() {
+                assert!(
+                    text.contains(&format!("{key} =")),
+                    "{section}.{key} is not documented in config/switchboard.toml"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn env_overrides_split_section_and_key() {
+        let c = Config::from_toml_and_env(
+            "",
+            "t",
+            env(&[
+                ("SWITCHBOARD_AUTH_SECRET", "s3cret"),
+                ("SWITCHBOARD_SERVER_LISTEN", "0.0.0.0:9000"),
+                ("SWITCHBOARD_SIGNALING_BUSY_POLICY", "allow"),
+                ("SWITCHBOARD_SIGNALING_MAX_INVITEES", "3"),
+                ("SWITCHBOARD_MEDIA_PUBLIC_IPS", "10.0.0.1,10.0.0.2"),
+                ("PATH", "/usr/bin"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.auth.secret, "s3cret");
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.signaling.busy_policy, BusyPolicy::Allow);
+        assert_eq!(c.signaling.max_invitees, 3);
+        assert_eq!(c.media.public_ips.len(), 2);
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let e = Config::from_toml_and_env("[signaling]\nmax_invitees = 0\n", "t", [])
+            .expect_err("out of range");
+        assert!(e.to_string().starts_with("signaling.max_invitees:"), "{e}");
+
+        let e = Config::from_toml_and_env("[signaling]\nbusy_policy = \"maybe\"\n", "t", [])
+            .expect_err("bad enum");
+        assert!(e.to_string().starts_with("signaling.busy_policy"), "{e}");
+
+        let e =
+            Config::from_toml_and_env("[server]\nlisten = 5\n", "t", []).expect_err("wrong type");
+        assert!(e.to_string().starts_with("server.listen"), "{e}");
+
+        let e = Config::from_toml_and_env("[signaling]\nbogus = 1\n", "t", [])
+            .expect_err("unknown key");
+        assert!(e.to_string().contains("signaling"), "{e}");
+
+        let e = Config::from_toml_and_env("", "t", env(&[("SWITCHBOARD_NOPE_X", "1")]))
+            .expect_err("unknown section");
+        assert!(e.to_string().starts_with("SWITCHBOARD_NOPE_X"), "{e}");
+
+        let e = Config::from_toml_and_env("[webhooks]\nurls = [\"http://x\"]\n", "t", [])
+            .expect_err("no key");
+        assert!(e.to_string().starts_with("webhooks.signing_key"), "{e}");
+    }
+
+    #[test]
+    fn tiers_must_rise_and_end_unbounded() {
+        let bad =
+            "[billing]\ntiers = [{name=\"audio\",max_pixels=0},{name=\"hd\",max_pixels=10}]\n";
+        let e = Config::from_toml_and_env(bad, "t", []).expect_err("bounded last tier");
+        assert!(e.to_string().starts_with("billing.tiers"), "{e}");
+        let bad = "[billing]\ntiers = [{name=\"audio\",max_pixels=0},{name=\"a\",max_pixels=10},{name=\"b\",max_pixels=5},{name=\"c\"}]\n";
+        assert!(Config::from_toml_and_env(bad, "t", []).is_err());
+    }
+}
