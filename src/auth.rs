@@ -132,12 +132,12 @@ impl TokenAuthority {
         let claims = data.claims;
         let user_id =
             UserId::parse(&claims.sub).map_err(|e| AuthError::Malformed(format!("sub {e}")))?;
-        if let Some(name) = &claims.name {
-            if name.chars().count() > MAX_NAME_CHARS {
-                return Err(AuthError::Malformed(format!(
-                    "name longer than {MAX_NAME_CHARS} characters"
-                )));
-            }
+        if let Some(name) = &claims.name
+            && name.chars().count() > MAX_NAME_CHARS
+        {
+            return Err(AuthError::Malformed(format!(
+                "name longer than {MAX_NAME_CHARS} characters"
+            )));
         }
         Ok(Identity {
             user_id,

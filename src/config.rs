@@ -470,10 +470,10 @@ fn apply_override(
 /// otherwise it is a string.
 fn parse_env_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
-    if let Ok(mut t) = doc.parse::<toml::Table>() {
-        if let Some(v) = t.remove("v") {
-            return v;
-        }
+    if let Ok(mut t) = doc.parse::<toml::Table>()
+        && let Some(v) = t.remove("v")
+    {
+        return v;
     }
     if raw.contains(',') {
         return toml::Value::Array(

@@ -13,3 +13,4 @@ pub mod auth;
 pub mod config;
 pub mod ids;
 pub mod metrics;
+pub mod signaling;
