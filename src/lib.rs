@@ -10,7 +10,10 @@
 //! Imports only go down: `server` uses `signaling` and `storage`; the pure cores use nothing above them.
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod ids;
 pub mod metrics;
+pub mod server;
 pub mod signaling;
+pub mod storage;

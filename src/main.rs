@@ -1,1 +1,196 @@
-fn main() {}
+//! The `switchboard` binary: `serve`, `token`, and the operator tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use switchboard::auth::{DEV_SECRET, TokenAuthority, parse_ttl};
+use switchboard::config::{Config, LogFormat};
+use switchboard::ids::UserId;
+use switchboard::server::{Options, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A self-hosted calling server: call invitations, an SFU, and billing by resolution tier"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// Configuration file (TOML). Every key can also be set as SWITCHBOARD_<SECTION>_<KEY>.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Development mode: a fixed, public development secret, storage under ./data, dev tokens at
+    /// POST /v1/dev/token. Never use it for a server others can reach.
+    #[arg(long)]
+    dev: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ConfigArgs),
+    /// Print an access token signed with the configured secret.
+    Token {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The user ID (the token's `sub`).
+        #[arg(long)]
+        user: String,
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime: 90s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Grant the admin API.
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    if args.dev {
+        if config.auth.secret.is_empty() {
+            config.auth.secret = DEV_SECRET.to_owned();
+        }
+    } else if config.auth.secret.is_empty() {
+        bail!(
+            "auth.secret is not set: set SWITCHBOARD_AUTH_SECRET or [auth] secret in the config file \
+             (or run with --dev for local development)"
+        );
+    }
+    Ok(config)
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    init_logging(&config);
+    let listen = config.server.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
+    let local = listener.local_addr()?;
+    if args.dev {
+        print_dev_banner(&local.to_string());
+    }
+    let server = Server::start(config, Options { dev: args.dev }).await?;
+    tracing::info!(http = %local, "switchboard is serving");
+    server.serve(listener, shutdown_signal()).await?;
+    tracing::info!("switchboard stopped");
+    Ok(())
+}
+
+fn print_dev_banner(addr: &str) {
+    eprintln!(
+        "\n  ************************************************************************\n  \
+         *  DEVELOPMENT MODE: tokens are signed with a fixed, public dev secret. *\n  \
+         *  Never expose this server to anyone else.                            *\n  \
+         ************************************************************************\n\n  \
+         Open http://{addr}/ in two browser windows and call yourself.\n  \
+         Get a token:  curl -s -XPOST http://{addr}/v1/dev/token -d '{{\"user_id\":\"alice\"}}' \
+         -H 'content-type: application/json'\n  \
+         or:           cargo run --release -- token --dev --user alice\n"
+    );
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+fn token(
+    cfg: ConfigArgs,
+    user: String,
+    name: Option<String>,
+    ttl: String,
+    admin: bool,
+) -> anyhow::Result<()> {
+    let config = load_config(&cfg)?;
+    let user = UserId::parse(&user).map_err(|e| anyhow::anyhow!("--user {e}"))?;
+    let ttl = parse_ttl(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let t = TokenAuthority::new(&config.auth.secret).issue(&user, name.as_deref(), admin, now, ttl);
+    println!("{t}");
+    Ok(())
+}
+
+fn raise_fd_limit() {
+    // Every session is a socket; allow as many as the hard limit permits.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    raise_fd_limit();
+    let result = match cli.command {
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(serve(args))),
+        Command::Token {
+            cfg,
+            user,
+            name,
+            ttl,
+            admin,
+        } => token(cfg, user, name, ttl, admin),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchboard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

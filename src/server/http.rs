@@ -1,0 +1,375 @@
+//! HTTP endpoints (PROTOCOL.md sections 1 and 6): health, metrics, the dev token, the signaling upgrade
+//! and the admin API. Handlers are thin: they authenticate, parse, call the hub or storage, and map
+//! errors to the protocol's codes.
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, Query, State, WebSocketUpgrade};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::hub::now_ms;
+use crate::auth::{AuthError, Identity};
+use crate::ids::{CallId, UserId};
+use crate::signaling::wire::{ApiError, CallState, EndReason, ErrorCode};
+use crate::storage::CallFilter;
+
+/// An HTTP error with the protocol's body: `{"error":{"code","message"}}`.
+#[derive(Debug)]
+pub struct HttpError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl HttpError {
+    /// An error with a status and code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 401 unauthorized.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 400 bad_request.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 500 internal; the detail is logged, never shown.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "internal error in an HTTP handler");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the server failed; see its log",
+        )
+    }
+}
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        let status = match e.code {
+            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::CallNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::InvalidState | ErrorCode::Busy => StatusCode::CONFLICT,
+            ErrorCode::NotInvitee | ErrorCode::NotInviter => StatusCode::FORBIDDEN,
+            ErrorCode::ModeNotSupported => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::TooManyUsers => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, e.code.as_str(), e.message)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+/// The bearer token of a request: `Authorization: Bearer …`, or the `token` query parameter.
+fn bearer(parts: &Parts) -> Option<String> {
+    if let Some(v) = parts.headers.get(header::AUTHORIZATION) {
+        let v = v.to_str().ok()?;
+        let t = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))?;
+        return Some(t.trim().to_owned());
+    }
+    let q = parts.uri.query()?;
+    q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "token").then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1), b.get(i + 2)) {
+            (b'%', Some(h), Some(l)) => match (hex_val(*h), hex_val(*l)) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 3;
+                }
+                _ => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
+}
+
+fn verify(app: &AppState, parts: &Parts) -> Result<Identity, HttpError> {
+    let token =
+        bearer(parts).ok_or_else(|| HttpError::unauthorized(AuthError::Missing.to_string()))?;
+    app.tokens
+        .verify(&token)
+        .map_err(|e| HttpError::unauthorized(e.to_string()))
+}
+
+/// A request with a valid access token.
+pub struct Authenticated(pub Identity);
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, HttpError> {
+        verify(app, parts).map(Authenticated)
+    }
+}
+
+/// A request whose token carries `"admin": true`.
+pub struct Admin(pub Identity);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, HttpError> {
+        let id = verify(app, parts)?;
+        if !id.admin {
+            return Err(HttpError::unauthorized(
+                "this call needs a token with the admin claim",
+            ));
+        }
+        Ok(Admin(id))
+    }
+}
+
+/// `GET /v1/signal`: the WebSocket upgrade. The token is checked before upgrading.
+pub async fn signal(
+    State(app): State<AppState>,
+    Authenticated(identity): Authenticated,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let cfg = &app.hub.config().signaling;
+    let shutdown = app.shutdown.clone();
+    if *shutdown.borrow() {
+        return HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "internal",
+            "the server is shutting down",
+        )
+        .into_response();
+    }
+    ws.max_message_size(cfg.max_frame)
+        .max_frame_size(cfg.max_frame)
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| super::session::run(app, socket, identity, shutdown))
+}
+
+/// `GET /healthz`.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: storage answers and the server is not shutting down.
+pub async fn readyz(State(app): State<AppState>) -> Response {
+    if *app.shutdown.borrow() || app.draining() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response();
+    }
+    match app.hub.store().call(|_| ()).await {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "storage unavailable"})),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&app.metrics),
+    )
+        .into_response()
+}
+
+/// Body of `POST /v1/dev/token`.
+#[derive(Deserialize)]
+pub struct DevTokenRequest {
+    user_id: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// `POST /v1/dev/token` (dev mode only): a one-day token for any user.
+pub async fn dev_token(
+    State(app): State<AppState>,
+    body: Result<Json<DevTokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, HttpError> {
+    if !app.dev {
+        return Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            "bad_request",
+            "dev tokens exist only in --dev mode",
+        ));
+    }
+    let Json(req) = body.map_err(|e| HttpError::bad_request(e.body_text()))?;
+    let user =
+        UserId::parse(&req.user_id).map_err(|e| HttpError::bad_request(format!("user_id {e}")))?;
+    if let Some(n) = &req.name
+        && n.chars().count() > crate::auth::MAX_NAME_CHARS
+    {
+        return Err(HttpError::bad_request("name is longer than 64 characters"));
+    }
+    let now = now_ms() / 1000;
+    let ttl = 24 * 3600;
+    let token = app
+        .tokens
+        .issue(&user, req.name.as_deref(), false, now, ttl);
+    Ok(Json(json!({
+        "token": token,
+        "user_id": user,
+        "expires_at": (now + ttl) * 1000,
+    })))
+}
+
+/// Query of `GET /v1/calls`.
+#[derive(Deserialize)]
+pub struct CallsQuery {
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    limit: Option<String>,
+}
+
+/// `GET /v1/calls?state=&user_id=&limit=`.
+pub async fn list_calls(
+    State(app): State<AppState>,
+    _admin: Admin,
+    q: Result<Query<CallsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, HttpError> {
+    let Query(q) = q.map_err(|e| HttpError::bad_request(e.body_text()))?;
+    let state = match q.state.as_deref() {
+        None | Some("") => None,
+        Some("started") => Some(CallState::Started),
+        Some("ended") => Some(CallState::Ended),
+        Some(s) => {
+            return Err(HttpError::bad_request(format!(
+                "state {s:?}: use started or ended"
+            )));
+        }
+    };
+    let user_id = match q.user_id.as_deref() {
+        None | Some("") => None,
+        Some(u) => {
+            Some(UserId::parse(u).map_err(|e| HttpError::bad_request(format!("user_id {e}")))?)
+        }
+    };
+    let limit = match q.limit.as_deref() {
+        None | Some("") => 50,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => return Err(HttpError::bad_request("limit must be 1..1000")),
+        },
+    };
+    let filter = CallFilter {
+        state,
+        user_id,
+        limit,
+    };
+    let calls = app
+        .hub
+        .store()
+        .call(move |s| s.list_calls(&filter))
+        .await
+        .map_err(HttpError::internal)?
+        .map_err(HttpError::internal)?;
+    Ok(Json(json!({
+        "calls": calls.iter().map(|c| c.info()).collect::<Vec<_>>(),
+    })))
+}
+
+fn parse_call_id(raw: &str) -> Result<CallId, HttpError> {
+    CallId::parse(raw)
+        .map_err(|_| HttpError::new(StatusCode::NOT_FOUND, "call_not_found", "no such call"))
+}
+
+/// `GET /v1/calls/{call_id}`: the call with its users and its room.
+pub async fn get_call(
+    State(app): State<AppState>,
+    _admin: Admin,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, HttpError> {
+    let id = parse_call_id(&raw)?;
+    let lookup = id.clone();
+    let call = app
+        .hub
+        .store()
+        .call(move |s| s.call(&lookup))
+        .await
+        .map_err(HttpError::internal)?
+        .map_err(HttpError::internal)?
+        .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, "call_not_found", "no such call"))?;
+    let room = match &app.media {
+        Some(m) => m.room_info(&id).await,
+        None => None,
+    };
+    let mut v = serde_json::to_value(call.info()).map_err(HttpError::internal)?;
+    if let Value::Object(o) = &mut v {
+        o.insert("room".into(), room.unwrap_or(Value::Null));
+    }
+    Ok(Json(v))
+}
+
+/// `POST /v1/calls/{call_id}/end`: ends the call with reason `admin` and closes its room.
+pub async fn end_call(
+    State(app): State<AppState>,
+    _admin: Admin,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, HttpError> {
+    let id = parse_call_id(&raw)?;
+    app.hub.end_call(&id, EndReason::Admin)?;
+    app.hub.flush().await;
+    Ok(Json(json!({"call_id": id, "reason": "admin"})))
+}
+
+/// Any other path.
+pub async fn not_found() -> HttpError {
+    HttpError::new(StatusCode::NOT_FOUND, "bad_request", "no such endpoint")
+}

@@ -1,0 +1,567 @@
+//! The hub: the thin async shell around the signaling core.
+//!
+//! It owns the core behind one mutex (one order for every call), the registry of live sessions, the
+//! timer that fires the core's deadlines, and the hand-off to storage. Every input to the core follows
+//! the same path:
+//!
+//! 1. lock the core, apply the input with `now`, and, still under the lock, queue one storage job with
+//!    the records to write and a continuation;
+//! 2. the storage thread commits the batch, then runs the continuation, which pushes the events to the
+//!    sessions' outbound queues and then the reply.
+//!
+//! Queuing under the lock makes the storage order the core's order, so every session sees events in the
+//! order the core produced them, each reply after the events its request caused, and nothing is sent
+//! before it is durable.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+
+use crate::auth::Identity;
+use crate::config::Config;
+use crate::ids::{CallId, SessionId, UserId};
+use crate::metrics as m;
+use crate::signaling::wire::{
+    ApiError, CallState, EndReason, ErrorCode, Event, QueryCallListArgs, QueryUsersArgs, Reply,
+    reply_frame,
+};
+use crate::signaling::{Applied, Effect, Notice, Op, Output, Request, Signaling};
+use crate::storage::{Job, StoreThread};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a session's writer sends next.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A signaling event; the writer numbers it.
+    Event(Arc<Event>),
+    /// An event serialized elsewhere (media): its name and its `data` as JSON text.
+    Raw(&'static str, Arc<str>),
+    /// A reply frame, complete.
+    Reply(String),
+    /// Close the socket with this code and reason.
+    Close(u16, &'static str),
+}
+
+struct SessionEntry {
+    user: UserId,
+    tx: mpsc::UnboundedSender<Outbound>,
+}
+
+/// Hooks the hub calls when the core asks for media-room changes. The media plane implements it; with
+/// none installed, rooms don't exist and rtc ops fail `internal`.
+pub trait RoomControl: Send + Sync + 'static {
+    /// Take the user out of the call's room.
+    fn leave(&self, call_id: CallId, user_id: UserId);
+    /// Close the call's room.
+    fn close(&self, call_id: CallId);
+}
+
+/// Receives the core's notices (metrics are recorded by the hub itself).
+pub trait NoticeSink: Send + Sync + 'static {
+    /// Called in core order, after the records the notice describes are committed.
+    fn notice(&self, now: u64, notice: &Notice);
+}
+
+/// The signaling shell.
+pub struct Hub {
+    core: Mutex<Signaling>,
+    sessions: DashMap<SessionId, SessionEntry>,
+    store: StoreThread,
+    next_session: AtomicU64,
+    timer_wake: Notify,
+    /// The deadline the timer task sleeps towards (ms), or u64::MAX.
+    armed: AtomicU64,
+    config: Arc<Config>,
+    rooms: std::sync::RwLock<Option<Arc<dyn RoomControl>>>,
+    notices: std::sync::RwLock<Vec<Arc<dyn NoticeSink>>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("sessions", &self.sessions.len())
+            .finish()
+    }
+}
+
+impl Hub {
+    /// A hub over a core (already restored) and a storage thread.
+    pub fn new(core: Signaling, store: StoreThread, config: Arc<Config>) -> Arc<Self> {
+        Arc::new(Self {
+            core: Mutex::new(core),
+            sessions: DashMap::new(),
+            store,
+            next_session: AtomicU64::new(1),
+            timer_wake: Notify::new(),
+            armed: AtomicU64::new(u64::MAX),
+            config,
+            rooms: std::sync::RwLock::new(None),
+            notices: std::sync::RwLock::new(Vec::new()),
+        })
+    }
+
+    /// Installs the media plane's room hooks.
+    pub fn set_room_control(&self, rooms: Arc<dyn RoomControl>) {
+        if let Ok(mut r) = self.rooms.write() {
+            *r = Some(rooms);
+        }
+    }
+
+    /// Adds a receiver of notices (webhooks, billing).
+    pub fn add_notice_sink(&self, sink: Arc<dyn NoticeSink>) {
+        if let Ok(mut n) = self.notices.write() {
+            n.push(sink);
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The storage thread.
+    pub fn store(&self) -> &StoreThread {
+        &self.store
+    }
+
+    /// Locks the core. A panic while it was held would be a bug in the core; the lock is recovered
+    /// rather than taking every session down with it.
+    pub fn core(&self) -> MutexGuard<'_, Signaling> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Sends to one session, if it is live.
+    pub fn send_to(&self, session: SessionId, out: Outbound) {
+        if let Some(s) = self.sessions.get(&session) {
+            let _ = s.tx.send(out);
+        }
+    }
+
+    /// Registers a new session: queues the `session` event first, then the core's replay.
+    pub fn connect(
+        self: &Arc<Self>,
+        identity: &Identity,
+        tx: mpsc::UnboundedSender<Outbound>,
+    ) -> SessionId {
+        let sid = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
+        let now = now_ms();
+        let _ = tx.send(Outbound::Event(Arc::new(Event::Session {
+            session_id: sid.to_string(),
+            user_id: identity.user_id.clone(),
+            server_time: now,
+            heartbeat: self.config.signaling.heartbeat,
+        })));
+        self.sessions.insert(
+            sid,
+            SessionEntry {
+                user: identity.user_id.clone(),
+                tx,
+            },
+        );
+        metrics::gauge!(m::SESSIONS_CONNECTED).increment(1.0);
+        let user = identity.user_id.clone();
+        let name = identity.name.clone();
+        {
+            let mut core = self.core();
+            let was_online = core.is_online(&user);
+            let out = core.connect(now, sid, user.clone(), name.clone());
+            if !was_online {
+                metrics::gauge!(m::USERS_ONLINE).increment(1.0);
+            }
+            self.commit(&mut core, now, out, None);
+        }
+        let _ = self.store.submit(Job::Run(Box::new(move |s| {
+            if let Err(e) = s.remember_user(&user, name.as_deref(), now) {
+                tracing::warn!(error = %e, "remembering user failed");
+            }
+        })));
+        sid
+    }
+
+    /// A session ended.
+    pub fn disconnect(self: &Arc<Self>, sid: SessionId) {
+        if self.sessions.remove(&sid).is_none() {
+            return;
+        }
+        metrics::gauge!(m::SESSIONS_CONNECTED).decrement(1.0);
+        let now = now_ms();
+        let mut core = self.core();
+        let user = core.session_user(sid).cloned();
+        let out = core.disconnect(now, sid);
+        if let Some(u) = user
+            && !core.is_online(&u)
+        {
+            metrics::gauge!(m::USERS_ONLINE).decrement(1.0);
+        }
+        self.commit(&mut core, now, out, None);
+    }
+
+    /// Handles one request frame's parsed form. Media ops are returned for the caller to run.
+    pub fn handle(
+        self: &Arc<Self>,
+        sid: SessionId,
+        req: Request,
+        started: Instant,
+    ) -> Option<Request> {
+        let id = req.id;
+        let op_name = req.op.name();
+        match req.op {
+            Op::Ping => {
+                self.reply_in_order(
+                    sid,
+                    id,
+                    op_name,
+                    started,
+                    Ok(json!({"server_time": now_ms()})),
+                );
+                None
+            }
+            Op::QueryCallList(args) => {
+                self.query_call_list(sid, id, started, args);
+                None
+            }
+            Op::QueryUsers(args) => {
+                self.query_users(sid, id, started, args);
+                None
+            }
+            op => {
+                let now = now_ms();
+                let mut core = self.core();
+                match core.apply(now, sid, op) {
+                    Applied::Done(out, reply) => {
+                        self.commit(
+                            &mut core,
+                            now,
+                            out,
+                            Some((sid, id, op_name, started, reply)),
+                        );
+                        None
+                    }
+                    Applied::NotMine(op) => Some(Request { id, op }),
+                }
+            }
+        }
+    }
+
+    /// Queues a reply behind everything already queued for storage, so a session's replies keep the
+    /// order of its requests.
+    pub fn reply_in_order(
+        self: &Arc<Self>,
+        sid: SessionId,
+        id: u64,
+        op: &'static str,
+        started: Instant,
+        reply: Reply,
+    ) {
+        let hub = Arc::clone(self);
+        let _ = self.store.submit(Job::Run(Box::new(move |_| {
+            hub.send_reply(sid, Some(id), op, started, &reply);
+        })));
+    }
+
+    /// Sends a reply now and records its metrics.
+    pub fn send_reply(
+        &self,
+        sid: SessionId,
+        id: Option<u64>,
+        op: &'static str,
+        started: Instant,
+        reply: &Reply,
+    ) {
+        if let Err(e) = reply {
+            metrics::counter!(m::ERRORS, "code" => e.code.as_str()).increment(1);
+        }
+        metrics::histogram!(m::OP_LATENCY, "op" => op).record(started.elapsed().as_secs_f64());
+        self.send_to(sid, Outbound::Reply(reply_frame(id, reply)));
+    }
+
+    fn query_call_list(
+        self: &Arc<Self>,
+        sid: SessionId,
+        id: u64,
+        started: Instant,
+        args: QueryCallListArgs,
+    ) {
+        let count = args.count.unwrap_or(20);
+        if !(1..=100).contains(&count) {
+            let e = ApiError::bad_request("count must be 1..100");
+            self.reply_in_order(sid, id, "query_call_list", started, Err(e));
+            return;
+        }
+        let Some(user) = self.sessions.get(&sid).map(|s| s.user.clone()) else {
+            return;
+        };
+        let hub = Arc::clone(self);
+        let _ = self.store.submit(Job::Run(Box::new(move |s| {
+            let reply = match s.user_calls(&user, count as usize, args.next_flag.unwrap_or(0)) {
+                Ok(page) => Ok(json!({
+                    "calls": page.calls.iter().map(|c| c.info()).collect::<Vec<_>>(),
+                    "next_flag": page.next_flag,
+                })),
+                Err(e) => {
+                    tracing::error!(error = %e, "query_call_list failed");
+                    Err(ApiError::new(ErrorCode::Internal, "history is unavailable"))
+                }
+            };
+            hub.send_reply(sid, Some(id), "query_call_list", started, &reply);
+        })));
+    }
+
+    fn query_users(
+        self: &Arc<Self>,
+        sid: SessionId,
+        id: u64,
+        started: Instant,
+        args: QueryUsersArgs,
+    ) {
+        let parsed: Result<Vec<UserId>, ApiError> = if args.user_ids.len() > 100 {
+            Err(ApiError::bad_request("at most 100 user_ids"))
+        } else {
+            args.user_ids
+                .iter()
+                .map(|s| {
+                    UserId::parse(s)
+                        .map_err(|e| ApiError::bad_request(format!("user_id {s:?}: {e}")))
+                })
+                .collect()
+        };
+        let users = match parsed {
+            Ok(u) => u,
+            Err(e) => return self.reply_in_order(sid, id, "query_users", started, Err(e)),
+        };
+        let live: Vec<(UserId, bool, Option<String>)> = {
+            let core = self.core();
+            users
+                .iter()
+                .map(|u| {
+                    (
+                        u.clone(),
+                        core.is_online(u),
+                        core.name_of(u).map(str::to_owned),
+                    )
+                })
+                .collect()
+        };
+        let hub = Arc::clone(self);
+        let _ = self.store.submit(Job::Run(Box::new(move |s| {
+            let ids: Vec<UserId> = live.iter().map(|(u, _, _)| u.clone()).collect();
+            let known = s.user_names(&ids).unwrap_or_default();
+            let list: Vec<Value> = live
+                .iter()
+                .map(|(u, online, name)| {
+                    json!({
+                        "user_id": u,
+                        "user_name": name.clone().or_else(|| known.get(u).cloned()).unwrap_or_default(),
+                        "online": online,
+                    })
+                })
+                .collect();
+            hub.send_reply(sid, Some(id), "query_users", started, &Ok(json!({ "users": list })));
+        })));
+    }
+
+    /// Carries out one core output: queues its writes, and after the commit its events, effects and
+    /// the reply. Must be called with the core locked (the guard proves it) so storage order is core
+    /// order.
+    fn commit(
+        self: &Arc<Self>,
+        core: &mut MutexGuard<'_, Signaling>,
+        now: u64,
+        out: Output,
+        reply: Option<(SessionId, u64, &'static str, Instant, Reply)>,
+    ) {
+        let Output {
+            deliveries,
+            effects,
+        } = out;
+        let mut records = Vec::new();
+        let mut rest = Vec::new();
+        for e in effects {
+            match e {
+                Effect::Persist(r) => records.push(r),
+                other => rest.push(other),
+            }
+        }
+        if deliveries.is_empty() && rest.is_empty() && records.is_empty() && reply.is_none() {
+            self.rearm(core);
+            return;
+        }
+        let hub = Arc::clone(self);
+        let continuation = Box::new(move || {
+            for d in deliveries {
+                hub.send_to(d.session, Outbound::Event(d.event));
+            }
+            for e in rest {
+                hub.carry_out(now, e);
+            }
+            if let Some((sid, id, op, started, reply)) = reply {
+                hub.send_reply(sid, Some(id), op, started, &reply);
+            }
+        });
+        if self
+            .store
+            .submit(Job::Calls(records, Some(continuation)))
+            .is_err()
+        {
+            tracing::error!("storage is closed; an op's results were dropped");
+        }
+        self.rearm(core);
+    }
+
+    fn carry_out(&self, now: u64, effect: Effect) {
+        match effect {
+            Effect::Persist(_) => {}
+            Effect::LeaveRoom { call_id, user_id } => {
+                if let Some(r) = self.rooms.read().ok().and_then(|r| r.clone()) {
+                    r.leave(call_id, user_id);
+                }
+            }
+            Effect::CloseRoom { call_id } => {
+                if let Some(r) = self.rooms.read().ok().and_then(|r| r.clone()) {
+                    r.close(call_id);
+                }
+            }
+            Effect::Notice(n) => {
+                record_notice(&n);
+                if let Ok(sinks) = self.notices.read() {
+                    for s in sinks.iter() {
+                        s.notice(now, &n);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wakes the timer task if the core's next deadline moved earlier than the one it sleeps towards.
+    fn rearm(&self, core: &MutexGuard<'_, Signaling>) {
+        let next = core.next_deadline().unwrap_or(u64::MAX);
+        if next < self.armed.load(Ordering::Acquire) {
+            self.armed.store(next, Ordering::Release);
+            self.timer_wake.notify_one();
+        }
+    }
+
+    /// The media plane reports a room's participant count.
+    pub fn room_changed(self: &Arc<Self>, call_id: &CallId, participants: usize, at_ms: u64) {
+        let mut core = self.core();
+        let out = core.room_changed(at_ms, call_id, participants);
+        self.commit(&mut core, at_ms, out, None);
+    }
+
+    /// Ends a call on the server's authority (admin or drain).
+    pub fn end_call(self: &Arc<Self>, call_id: &CallId, reason: EndReason) -> Result<(), ApiError> {
+        let now = now_ms();
+        let mut core = self.core();
+        let out = core.end_by_server(now, call_id, reason)?;
+        self.commit(&mut core, now, out, None);
+        Ok(())
+    }
+
+    /// Ends every started call.
+    pub fn end_all(self: &Arc<Self>, reason: EndReason) {
+        let now = now_ms();
+        let mut core = self.core();
+        let out = core.end_all(now, reason);
+        self.commit(&mut core, now, out, None);
+    }
+
+    /// Number of started calls.
+    pub fn active_calls(&self) -> usize {
+        self.core().started_calls().count()
+    }
+
+    /// Waits until every job queued so far is committed and its continuation has run.
+    pub async fn flush(&self) {
+        let _ = self.store.call(|_| ()).await;
+    }
+
+    /// Closes every session with `code` (shutdown).
+    pub fn close_all(&self, code: u16, reason: &'static str) {
+        for s in self.sessions.iter() {
+            let _ = s.tx.send(Outbound::Close(code, reason));
+        }
+    }
+
+    /// Fires the core's timers; runs until `shutdown` resolves.
+    pub async fn run_timers(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let next = {
+                let mut core = self.core();
+                let now = now_ms();
+                let out = core.tick(now);
+                self.commit(&mut core, now, out, None);
+                let next = core.next_deadline().unwrap_or(u64::MAX);
+                self.armed.store(next, Ordering::Release);
+                next
+            };
+            let wait = if next == u64::MAX {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_millis(next.saturating_sub(now_ms()))
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.timer_wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Whether the session may join the call's room.
+    pub fn may_join_room(&self, sid: SessionId, call_id: &CallId) -> Result<UserId, ApiError> {
+        let user = self
+            .sessions
+            .get(&sid)
+            .map(|s| s.user.clone())
+            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "session not registered"))?;
+        self.core().may_join_room(&user, call_id)?;
+        Ok(user)
+    }
+
+    /// The user of a live session.
+    pub fn session_user(&self, sid: SessionId) -> Option<UserId> {
+        self.sessions.get(&sid).map(|s| s.user.clone())
+    }
+
+    /// Counts started calls on the gauge after a restore.
+    pub fn init_gauges(&self) {
+        let n = self
+            .core()
+            .started_calls()
+            .filter(|c| c.state == CallState::Started)
+            .count();
+        metrics::gauge!(m::CALLS_ACTIVE).set(n as f64);
+    }
+}
+
+fn record_notice(n: &Notice) {
+    match n {
+        Notice::CallStarted { .. } => {
+            metrics::counter!(m::CALLS_STARTED).increment(1);
+            metrics::gauge!(m::CALLS_ACTIVE).increment(1.0);
+        }
+        Notice::CallEnded { reason, .. } => {
+            metrics::counter!(m::CALLS_ENDED, "reason" => reason.as_str()).increment(1);
+            metrics::gauge!(m::CALLS_ACTIVE).decrement(1.0);
+        }
+        Notice::InviteeOutcome { state, .. } => {
+            metrics::counter!(m::INVITEE_OUTCOMES, "state" => state.as_str()).increment(1);
+        }
+        Notice::InviteeOffline { .. } => {}
+    }
+}

@@ -1,0 +1,216 @@
+//! The async shell: HTTP and WebSocket (axum), the session registry and timers ([`hub`]), and the
+//! wiring of storage and the media plane. [`Server::start`] builds everything from a [`Config`];
+//! [`Server::serve`] runs until a shutdown future resolves, so tests can start and stop servers on
+//! `127.0.0.1:0`.
+//!
+//! Shutdown (as mini-redis does it): one `watch` channel every task selects on; sessions close with
+//! 1001, the timer stops, queued storage work is committed and the WAL checkpointed before `serve`
+//! returns.
+
+pub mod http;
+pub mod hub;
+pub mod session;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::TokenAuthority;
+use crate::config::Config;
+use crate::ids::{CallId, SessionId};
+use crate::signaling::wire::Reply;
+use crate::signaling::{Op, Rules, Signaling};
+use crate::storage::{Store, StoreError, StoreThread};
+use hub::{Hub, now_ms};
+
+/// A boxed future, for the media hooks.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The media plane as the shell sees it: it runs the `rtc_*` ops of a session (after the hub checked
+/// the call), and describes rooms for the admin API.
+pub trait MediaOps: Send + Sync + 'static {
+    /// Runs one `rtc_*` op for a session.
+    fn handle(&self, session: SessionId, op: Op) -> BoxFuture<'_, Reply>;
+    /// A session's socket closed.
+    fn session_closed(&self, session: SessionId) -> BoxFuture<'_, ()>;
+    /// A room's description for `GET /v1/calls/{id}`.
+    fn room_info<'a>(&'a self, call_id: &'a CallId) -> BoxFuture<'a, Option<Value>>;
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The database could not be opened or read.
+    #[error("storage: {0}")]
+    Storage(#[from] StoreError),
+    /// A socket could not be bound.
+    #[error("cannot bind {what}: {source}")]
+    Bind {
+        /// Which socket.
+        what: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+}
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// The signaling shell.
+    pub hub: Arc<Hub>,
+    /// Verifies and issues tokens.
+    pub tokens: Arc<TokenAuthority>,
+    /// `--dev`: dev tokens are served.
+    pub dev: bool,
+    /// Renders /metrics.
+    pub metrics: PrometheusHandle,
+    /// True once shutdown began.
+    pub shutdown: watch::Receiver<bool>,
+    /// The media plane, when running.
+    pub media: Option<Arc<dyn MediaOps>>,
+    /// Set by a drain.
+    pub draining: Arc<AtomicBool>,
+}
+
+impl AppState {
+    /// Whether a drain is under way.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// How to run.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Development mode: dev tokens are served.
+    pub dev: bool,
+}
+
+/// A built server, ready to serve.
+pub struct Server {
+    state: AppState,
+    shutdown_tx: watch::Sender<bool>,
+    store_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Opens storage, restores calls, and builds the hub.
+    pub async fn start(config: Config, opts: Options) -> Result<Server, ServerError> {
+        let config = Arc::new(config);
+        let metrics = crate::metrics::install();
+        let store = Store::open(&config.storage.path)?;
+        let restored = store.started_calls()?;
+        let n_restored = restored.len();
+        let mut core = Signaling::new(Rules::from_config(&config.signaling));
+        core.restore(restored, now_ms());
+        let (store, store_thread) = StoreThread::spawn(store);
+        let hub = Hub::new(core, store, Arc::clone(&config));
+        hub.init_gauges();
+        if n_restored > 0 {
+            tracing::info!(calls = n_restored, "restored calls in progress");
+        }
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let tokens = Arc::new(TokenAuthority::new(&config.auth.secret));
+        let state = AppState {
+            hub,
+            tokens,
+            dev: opts.dev,
+            metrics,
+            shutdown,
+            media: None,
+            draining: Arc::new(AtomicBool::new(false)),
+        };
+        Ok(Server {
+            state,
+            shutdown_tx,
+            store_thread: Some(store_thread),
+        })
+    }
+
+    /// The shared state (tests and the media wiring use it).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Installs the media plane.
+    pub fn set_media(&mut self, media: Arc<dyn MediaOps>) {
+        self.state.media = Some(media);
+    }
+
+    /// The router.
+    pub fn router(&self) -> Router {
+        router(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then shuts down cleanly.
+    pub async fn serve(
+        mut self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let hub = Arc::clone(&self.state.hub);
+        let timers = tokio::spawn(Arc::clone(&hub).run_timers(self.state.shutdown.clone()));
+        let app = self.router();
+        let tx = self.shutdown_tx.clone();
+        let mut stop = self.state.shutdown.clone();
+        let graceful = async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = stop.changed() => {}
+            }
+            let _ = tx.send(true);
+        };
+        let result = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(graceful)
+        .await;
+        let _ = self.shutdown_tx.send(true);
+        // Sessions see the shutdown and close; give them a moment to flush their close frames.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.session_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = timers.await;
+        hub.flush().await;
+        let _ = hub.store().submit(crate::storage::Job::Stop);
+        if let Some(t) = self.store_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        result.map_err(ServerError::Http)
+    }
+
+    /// A sender that starts shutdown when `true` is sent (admin drain, tests).
+    pub fn shutdown_sender(&self) -> watch::Sender<bool> {
+        self.shutdown_tx.clone()
+    }
+}
+
+/// Routes of PROTOCOL.md sections 1 and 6.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(http::healthz))
+        .route("/readyz", get(http::readyz))
+        .route("/metrics", get(http::metrics))
+        .route("/v1/signal", get(http::signal))
+        .route("/v1/dev/token", post(http::dev_token))
+        .route("/v1/calls", get(http::list_calls))
+        .route("/v1/calls/{call_id}", get(http::get_call))
+        .route("/v1/calls/{call_id}/end", post(http::end_call))
+        .fallback(http::not_found)
+        .with_state(state)
+}

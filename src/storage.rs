@@ -1,0 +1,926 @@
+//! The embedded store: one SQLite file (WAL) holding call history, the billing ledger and the webhook
+//! outbox. `switchboard serve` needs nothing else running.
+//!
+//! [`Store`] is the synchronous database. The server owns it on one thread, [`StoreThread`], which takes
+//! jobs in order, writes a whole batch of them in one transaction (group commit), and only then runs each
+//! job's continuation. Continuations deliver the events and replies of the ops that caused the writes,
+//! so nothing a client sees can be lost to a crash: a reply is sent after its change is committed.
+//! Commits use `synchronous = NORMAL`: a committed transaction survives the process being killed
+//! (kill -9); only a power cut can lose the last few.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::ids::{CallId, UserId};
+use crate::signaling::wire::{CallState, EndReason, Mode, UserState};
+use crate::signaling::{CallRecord, CallUserRecord};
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database directory could not be created.
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A stored value is not one this version understands.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// The storage thread is gone.
+    #[error("storage is shut down")]
+    Closed,
+}
+
+/// One page of a user's call history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallPage {
+    /// Calls, newest first.
+    pub calls: Vec<CallRecord>,
+    /// Cursor for the next page; 0 when there is none.
+    pub next_flag: u64,
+}
+
+/// A filter for the admin call list.
+#[derive(Debug, Clone, Default)]
+pub struct CallFilter {
+    /// Only calls in this state.
+    pub state: Option<CallState>,
+    /// Only calls this user appears in.
+    pub user_id: Option<UserId>,
+    /// At most this many (newest first).
+    pub limit: usize,
+}
+
+/// One metered interval of the billing ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    /// The call.
+    pub call_id: CallId,
+    /// The subscriber.
+    pub user_id: UserId,
+    /// Tier name.
+    pub tier: String,
+    /// Start, ms since the epoch.
+    pub start_ms: u64,
+    /// End, ms since the epoch.
+    pub end_ms: u64,
+}
+
+/// A webhook event waiting for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Row ID: the order events were enqueued in.
+    pub seq: i64,
+    /// Unique event ID receivers de-duplicate on.
+    pub event_id: String,
+    /// The receiver.
+    pub url: String,
+    /// The JSON body.
+    pub body: String,
+    /// Deliveries tried so far.
+    pub attempts: u32,
+    /// Not before this time, ms.
+    pub next_attempt_ms: u64,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS calls (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    call_id       TEXT NOT NULL UNIQUE,
+    caller        TEXT NOT NULL,
+    mode          TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    extended_data TEXT NOT NULL,
+    timeout_secs  INTEGER NOT NULL,
+    create_time   INTEGER NOT NULL,
+    end_time      INTEGER NOT NULL,
+    end_reason    TEXT
+);
+CREATE INDEX IF NOT EXISTS calls_by_state ON calls(state, seq);
+CREATE TABLE IF NOT EXISTS call_users (
+    call_seq             INTEGER NOT NULL REFERENCES calls(seq),
+    idx                  INTEGER NOT NULL,
+    user_id              TEXT NOT NULL,
+    state                TEXT NOT NULL,
+    extended_data        TEXT NOT NULL,
+    inviter              TEXT NOT NULL,
+    invite_extended_data TEXT NOT NULL,
+    invite_time          INTEGER NOT NULL,
+    deadline             INTEGER NOT NULL,
+    accept_time          INTEGER NOT NULL,
+    leave_time           INTEGER NOT NULL,
+    PRIMARY KEY (call_seq, user_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS call_users_by_user ON call_users(user_id, call_seq);
+CREATE TABLE IF NOT EXISTS users (
+    user_id   TEXT PRIMARY KEY,
+    name      TEXT,
+    last_seen INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage (
+    call_id  TEXT NOT NULL,
+    user_id  TEXT NOT NULL,
+    start_ms INTEGER NOT NULL,
+    end_ms   INTEGER NOT NULL,
+    tier     TEXT NOT NULL,
+    PRIMARY KEY (call_id, user_id, start_ms)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_by_time ON usage(start_ms);
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id     TEXT NOT NULL,
+    url          TEXT NOT NULL,
+    body         TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt INTEGER NOT NULL,
+    UNIQUE (event_id, url)
+);
+"#;
+
+/// The database.
+pub struct Store {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(Self { conn })
+    }
+
+    /// Writes calls (insert or update) in one transaction.
+    pub fn write_calls<'a>(
+        &mut self,
+        calls: impl IntoIterator<Item = &'a CallRecord>,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut upsert_call = tx.prepare_cached(
+                "INSERT INTO calls (call_id, caller, mode, state, extended_data, timeout_secs, \
+                 create_time, end_time, end_reason) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9) \
+                 ON CONFLICT(call_id) DO UPDATE SET state=excluded.state, end_time=excluded.end_time, \
+                 end_reason=excluded.end_reason RETURNING seq",
+            )?;
+            let mut upsert_user = tx.prepare_cached(
+                "INSERT INTO call_users (call_seq, idx, user_id, state, extended_data, inviter, \
+                 invite_extended_data, invite_time, deadline, accept_time, leave_time) \
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11) \
+                 ON CONFLICT(call_seq, user_id) DO UPDATE SET state=excluded.state, \
+                 extended_data=excluded.extended_data, inviter=excluded.inviter, \
+                 invite_extended_data=excluded.invite_extended_data, invite_time=excluded.invite_time, \
+                 deadline=excluded.deadline, accept_time=excluded.accept_time, \
+                 leave_time=excluded.leave_time",
+            )?;
+            for c in calls {
+                let seq: i64 = upsert_call.query_row(
+                    params![
+                        c.call_id.as_str(),
+                        c.caller.as_str(),
+                        c.mode.as_str(),
+                        c.state.as_str(),
+                        c.extended_data,
+                        c.timeout_secs,
+                        c.create_time as i64,
+                        c.end_time as i64,
+                        c.end_reason.map(EndReason::as_str),
+                    ],
+                    |r| r.get(0),
+                )?;
+                for (i, u) in c.users.iter().enumerate() {
+                    upsert_user.execute(params![
+                        seq,
+                        i as i64,
+                        u.user_id.as_str(),
+                        u.state.as_str(),
+                        u.extended_data,
+                        u.inviter.as_str(),
+                        u.invite_extended_data,
+                        u.invite_time as i64,
+                        u.deadline as i64,
+                        u.accept_time as i64,
+                        u.leave_time as i64,
+                    ])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every started call, for the core to restore after a restart.
+    pub fn started_calls(&self) -> Result<Vec<CallRecord>, StoreError> {
+        self.calls_where("state = 'started'", [], usize::MAX)
+    }
+
+    /// One call by ID.
+    pub fn call(&self, id: &CallId) -> Result<Option<CallRecord>, StoreError> {
+        Ok(self
+            .calls_where("call_id = ?1", [id.as_str()], 1)?
+            .into_iter()
+            .next())
+    }
+
+    /// Calls for the admin API, newest first.
+    pub fn list_calls(&self, f: &CallFilter) -> Result<Vec<CallRecord>, StoreError> {
+        let limit = f.limit.clamp(1, 1000);
+        match (&f.state, &f.user_id) {
+            (Some(s), Some(u)) => self.calls_where(
+                "state = ?1 AND seq IN (SELECT call_seq FROM call_users WHERE user_id = ?2)",
+                [s.as_str(), u.as_str()],
+                limit,
+            ),
+            (Some(s), None) => self.calls_where("state = ?1", [s.as_str()], limit),
+            (None, Some(u)) => self.calls_where(
+                "seq IN (SELECT call_seq FROM call_users WHERE user_id = ?1)",
+                [u.as_str()],
+                limit,
+            ),
+            (None, None) => self.calls_where("1", [], limit),
+        }
+    }
+
+    /// A user's calls, newest first, `count` at a time. `next_flag` 0 starts at the newest.
+    pub fn user_calls(
+        &self,
+        user: &UserId,
+        count: usize,
+        next_flag: u64,
+    ) -> Result<CallPage, StoreError> {
+        let before = if next_flag == 0 {
+            i64::MAX
+        } else {
+            i64::try_from(next_flag).unwrap_or(i64::MAX)
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT call_seq FROM call_users WHERE user_id = ?1 AND call_seq < ?2 \
+             ORDER BY call_seq DESC LIMIT ?3",
+        )?;
+        let seqs: Vec<i64> = stmt
+            .query_map(params![user.as_str(), before, (count + 1) as i64], |r| {
+                r.get(0)
+            })?
+            .collect::<Result<_, _>>()?;
+        let more = seqs.len() > count;
+        let page: Vec<i64> = seqs.into_iter().take(count).collect();
+        let mut calls = Vec::with_capacity(page.len());
+        for seq in &page {
+            if let Some(c) = self
+                .calls_where("seq = ?1", [seq.to_string()], 1)?
+                .into_iter()
+                .next()
+            {
+                calls.push(c);
+            }
+        }
+        let next_flag = if more {
+            page.last().map_or(0, |s| *s as u64)
+        } else {
+            0
+        };
+        Ok(CallPage { calls, next_flag })
+    }
+
+    fn calls_where<P: rusqlite::Params>(
+        &self,
+        cond: &str,
+        p: P,
+        limit: usize,
+    ) -> Result<Vec<CallRecord>, StoreError> {
+        let sql = format!(
+            "SELECT seq, call_id, caller, mode, state, extended_data, timeout_secs, create_time, \
+             end_time, end_reason FROM calls WHERE {cond} ORDER BY seq DESC LIMIT {}",
+            limit.min(i64::MAX as usize)
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows: Vec<(i64, CallRecord)> = stmt
+            .query_map(p, |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    (
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, u32>(6)?,
+                        r.get::<_, i64>(7)?,
+                        r.get::<_, i64>(8)?,
+                        r.get::<_, Option<String>>(9)?,
+                    ),
+                ))
+            })?
+            .map(|row| {
+                let (seq, (id, caller, mode, state, ext, timeout, create, end, reason)) = row?;
+                let rec = CallRecord {
+                    call_id: parse_id(&id)?,
+                    caller: parse_id(&caller)?,
+                    mode: match mode.as_str() {
+                        "general" => Mode::General,
+                        "advanced" => Mode::Advanced,
+                        m => return Err(StoreError::Corrupt(format!("mode {m}"))),
+                    },
+                    state: match state.as_str() {
+                        "started" => CallState::Started,
+                        "ended" => CallState::Ended,
+                        s => return Err(StoreError::Corrupt(format!("call state {s}"))),
+                    },
+                    extended_data: ext,
+                    timeout_secs: timeout,
+                    create_time: create as u64,
+                    end_time: end as u64,
+                    end_reason: match reason {
+                        None => None,
+                        Some(r) => Some(
+                            EndReason::parse(&r)
+                                .ok_or_else(|| StoreError::Corrupt(format!("reason {r}")))?,
+                        ),
+                    },
+                    users: Vec::new(),
+                };
+                Ok((seq, rec))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut users_stmt = self.conn.prepare_cached(
+            "SELECT user_id, state, extended_data, inviter, invite_extended_data, invite_time, \
+             deadline, accept_time, leave_time FROM call_users WHERE call_seq = ?1 ORDER BY idx",
+        )?;
+        for (seq, mut rec) in rows {
+            let users = users_stmt
+                .query_map([seq], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, i64>(7)?,
+                        r.get::<_, i64>(8)?,
+                    ))
+                })?
+                .map(|row| {
+                    let (u, st, ext, inviter, iext, it, dl, at, lt) = row?;
+                    Ok(CallUserRecord {
+                        user_id: parse_id(&u)?,
+                        state: UserState::parse(&st)
+                            .ok_or_else(|| StoreError::Corrupt(format!("user state {st}")))?,
+                        extended_data: ext,
+                        inviter: parse_id(&inviter)?,
+                        invite_extended_data: iext,
+                        invite_time: it as u64,
+                        deadline: dl as u64,
+                        accept_time: at as u64,
+                        leave_time: lt as u64,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            rec.users = users;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// Remembers a user's display name.
+    pub fn remember_user(
+        &mut self,
+        user: &UserId,
+        name: Option<&str>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO users (user_id, name, last_seen) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(user_id) DO UPDATE SET name = coalesce(excluded.name, name), \
+                 last_seen = excluded.last_seen",
+            )?
+            .execute(params![user.as_str(), name, now as i64])?;
+        Ok(())
+    }
+
+    /// The last known display names of these users.
+    pub fn user_names(&self, users: &[UserId]) -> Result<HashMap<UserId, String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name FROM users WHERE user_id = ?1")?;
+        let mut out = HashMap::new();
+        for u in users {
+            let name: Option<Option<String>> =
+                stmt.query_row([u.as_str()], |r| r.get(0)).optional()?;
+            if let Some(Some(n)) = name {
+                out.insert(u.clone(), n);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes ledger intervals; an interval already written (same call, user and start) is skipped.
+    pub fn write_usage(&mut self, rows: &[UsageRow]) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO usage (call_id, user_id, start_ms, end_ms, tier) \
+                 VALUES (?1,?2,?3,?4,?5)",
+            )?;
+            for r in rows {
+                n += stmt.execute(params![
+                    r.call_id.as_str(),
+                    r.user_id.as_str(),
+                    r.start_ms as i64,
+                    r.end_ms as i64,
+                    r.tier
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Ledger intervals overlapping `[from_ms, to_ms)`, optionally for one call and/or user.
+    pub fn usage(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        call: Option<&CallId>,
+        user: Option<&UserId>,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT call_id, user_id, tier, start_ms, end_ms FROM usage \
+             WHERE start_ms < ?2 AND end_ms > ?1 \
+             AND (?3 IS NULL OR call_id = ?3) AND (?4 IS NULL OR user_id = ?4) \
+             ORDER BY start_ms, call_id, user_id",
+        )?;
+        let rows = stmt
+            .query_map(
+                params![
+                    from_ms as i64,
+                    to_ms.min(i64::MAX as u64) as i64,
+                    call.map(CallId::as_str),
+                    user.map(UserId::as_str)
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                },
+            )?
+            .map(|row| {
+                let (c, u, tier, s, e) = row?;
+                Ok(UsageRow {
+                    call_id: parse_id(&c)?,
+                    user_id: parse_id(&u)?,
+                    tier,
+                    start_ms: s as u64,
+                    end_ms: e as u64,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(rows)
+    }
+
+    /// Queues webhook events (one row per receiver).
+    pub fn enqueue_webhooks(
+        &mut self,
+        events: &[(String, String)],
+        urls: &[String],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO webhook_outbox (event_id, url, body, next_attempt) \
+                 VALUES (?1,?2,?3,?4)",
+            )?;
+            for (id, body) in events {
+                for url in urls {
+                    stmt.execute(params![id, url, body, now as i64])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Events due for delivery at `now`, oldest first.
+    pub fn due_webhooks(&self, now: u64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, event_id, url, body, attempts, next_attempt FROM webhook_outbox \
+             WHERE next_attempt <= ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![now as i64, limit as i64], |r| {
+                Ok(OutboxRow {
+                    seq: r.get(0)?,
+                    event_id: r.get(1)?,
+                    url: r.get(2)?,
+                    body: r.get(3)?,
+                    attempts: r.get(4)?,
+                    next_attempt_ms: r.get::<_, i64>(5)? as u64,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Removes a delivered event.
+    pub fn webhook_delivered(&mut self, seq: i64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM webhook_outbox WHERE seq = ?1")?
+            .execute([seq])?;
+        Ok(())
+    }
+
+    /// Schedules another attempt.
+    pub fn webhook_retry(&mut self, seq: i64, next_attempt_ms: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt = ?2 WHERE seq = ?1",
+            )?
+            .execute(params![seq, next_attempt_ms as i64])?;
+        Ok(())
+    }
+
+    /// Events waiting in the outbox.
+    pub fn webhook_backlog(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM webhook_outbox", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
+    /// Checkpoints the WAL into the main file (at shutdown).
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+fn parse_id<T: std::str::FromStr>(s: &str) -> Result<T, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Corrupt(format!("id {s:?}")))
+}
+
+/// Work for the storage thread.
+pub enum Job {
+    /// Write these calls, then run the continuation (after the commit).
+    Calls(Vec<CallRecord>, Option<Continuation>),
+    /// Run a closure with the store (reads, ledger and outbox writes), in order with the writes.
+    Run(Box<dyn FnOnce(&mut Store) + Send>),
+    /// Finish what is queued before this, checkpoint, and stop the thread.
+    Stop,
+}
+
+/// What runs after a job's writes are committed.
+pub type Continuation = Box<dyn FnOnce() + Send>;
+
+/// The thread that owns the [`Store`].
+#[derive(Clone)]
+pub struct StoreThread {
+    tx: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for StoreThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreThread")
+    }
+}
+
+impl StoreThread {
+    /// Starts the thread. It stops when every handle is dropped, after finishing the queued jobs.
+    pub fn spawn(mut store: Store) -> (Self, std::thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let handle = std::thread::Builder::new()
+            .name("storage".into())
+            .spawn(move || {
+                let mut stop = false;
+                while !stop {
+                    let Ok(first) = rx.recv() else { break };
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                        if batch.len() >= 4096 {
+                            break;
+                        }
+                    }
+                    if let Some(i) = batch.iter().position(|j| matches!(j, Job::Stop)) {
+                        // Jobs queued after the stop are dropped: nothing may be queued after it.
+                        batch.truncate(i);
+                        stop = true;
+                    }
+                    run_batch(&mut store, batch);
+                }
+                if let Err(e) = store.checkpoint() {
+                    tracing::warn!(error = %e, "WAL checkpoint at shutdown failed");
+                }
+            })
+            .unwrap_or_else(|e| panic!("cannot spawn the storage thread: {e}"));
+        (Self { tx }, handle)
+    }
+
+    /// Queues a job. Fails only after shutdown.
+    pub fn submit(&self, job: Job) -> Result<(), StoreError> {
+        self.tx.send(job).map_err(|_| StoreError::Closed)
+    }
+
+    /// Runs `f` on the storage thread and awaits its result.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Store) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(Job::Run(Box::new(move |s| {
+            let _ = tx.send(f(s));
+        })))?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+}
+
+/// Writes every call of the batch in one transaction (the last record of a call wins), then runs the
+/// continuations and closures in the order they were queued.
+fn run_batch(store: &mut Store, batch: Vec<Job>) {
+    let mut latest: HashMap<CallId, CallRecord> = HashMap::new();
+    for job in &batch {
+        if let Job::Calls(records, _) = job {
+            for r in records {
+                latest.insert(r.call_id.clone(), r.clone());
+            }
+        }
+    }
+    if !latest.is_empty() {
+        let start = Instant::now();
+        let mut attempt = 0;
+        loop {
+            match store.write_calls(latest.values()) {
+                Ok(()) => break,
+                Err(e) => {
+                    attempt += 1;
+                    metrics::counter!(crate::metrics::STORAGE_ERRORS, "op" => "write_calls")
+                        .increment(1);
+                    tracing::error!(error = %e, attempt, "writing calls failed");
+                    if attempt >= 3 {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        }
+        metrics::histogram!(crate::metrics::STORAGE_COMMIT).record(start.elapsed().as_secs_f64());
+    }
+    for job in batch {
+        match job {
+            Job::Calls(_, Some(k)) => k(),
+            Job::Calls(_, None) => {}
+            Job::Run(f) => f(store),
+            Job::Stop => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uid(s: &str) -> UserId {
+        UserId::parse(s).expect("valid")
+    }
+
+    fn record(id: &str, caller: &str, others: &[&str], t: u64) -> CallRecord {
+        let mut users = vec![user(caller, caller, UserState::Accepted)];
+        users.extend(others.iter().map(|o| user(o, caller, UserState::Received)));
+        CallRecord {
+            call_id: CallId::parse(id).expect("valid"),
+            caller: uid(caller),
+            mode: Mode::General,
+            state: CallState::Started,
+            extended_data: "x".into(),
+            timeout_secs: 30,
+            create_time: t,
+            end_time: 0,
+            end_reason: None,
+            users,
+        }
+    }
+
+    fn user(u: &str, inviter: &str, state: UserState) -> CallUserRecord {
+        CallUserRecord {
+            user_id: uid(u),
+            state,
+            extended_data: String::new(),
+            inviter: uid(inviter),
+            invite_extended_data: "x".into(),
+            invite_time: 1,
+            deadline: 2,
+            accept_time: 0,
+            leave_time: 0,
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("sub/db.sqlite")).expect("opens");
+        (dir, store)
+    }
+
+    #[test]
+    fn calls_round_trip_and_update_in_place() {
+        let (_d, mut s) = open();
+        let mut c = record("c_1", "alice", &["bob", "carol"], 100);
+        s.write_calls([&c]).expect("writes");
+        assert_eq!(s.call(&c.call_id).expect("reads"), Some(c.clone()));
+        c.users[1].state = UserState::Accepted;
+        c.state = CallState::Ended;
+        c.end_time = 200;
+        c.end_reason = Some(EndReason::Completed);
+        s.write_calls([&c]).expect("writes");
+        assert_eq!(s.call(&c.call_id).expect("reads"), Some(c.clone()));
+        assert!(s.started_calls().expect("reads").is_empty());
+    }
+
+    #[test]
+    fn user_history_pages_newest_first_without_gaps_or_repeats() {
+        let (_d, mut s) = open();
+        let calls: Vec<CallRecord> = (0..25)
+            .map(|i| record(&format!("c_{i}"), "alice", &["bob"], i))
+            .collect();
+        for c in &calls {
+            s.write_calls([c]).expect("writes");
+        }
+        s.write_calls([&record("c_other", "carol", &["dave"], 99)])
+            .expect("writes");
+        let mut seen = Vec::new();
+        let mut flag = 0;
+        loop {
+            let page = s.user_calls(&uid("bob"), 10, flag).expect("reads");
+            seen.extend(page.calls.iter().map(|c| c.call_id.to_string()));
+            if page.next_flag == 0 {
+                break;
+            }
+            flag = page.next_flag;
+        }
+        let want: Vec<String> = (0..25).rev().map(|i| format!("c_{i}")).collect();
+        assert_eq!(seen, want);
+        assert_eq!(
+            s.user_calls(&uid("alice"), 100, 0)
+                .expect("reads")
+                .calls
+                .len(),
+            25
+        );
+        assert!(
+            s.user_calls(&uid("zed"), 5, 0)
+                .expect("reads")
+                .calls
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn admin_filters_by_state_and_user() {
+        let (_d, mut s) = open();
+        let mut ended = record("c_e", "alice", &["bob"], 1);
+        ended.state = CallState::Ended;
+        ended.end_reason = Some(EndReason::Rejected);
+        s.write_calls([&ended, &record("c_s", "carol", &["bob"], 2)])
+            .expect("writes");
+        let f = |state, user: Option<&str>| CallFilter {
+            state,
+            user_id: user.map(uid),
+            limit: 10,
+        };
+        assert_eq!(s.list_calls(&f(None, None)).expect("reads").len(), 2);
+        let started = s
+            .list_calls(&f(Some(CallState::Started), None))
+            .expect("reads");
+        assert_eq!(started[0].call_id.as_str(), "c_s");
+        assert_eq!(
+            s.list_calls(&f(None, Some("alice"))).expect("reads").len(),
+            1
+        );
+        assert_eq!(
+            s.list_calls(&f(Some(CallState::Ended), Some("bob")))
+                .expect("reads")[0]
+                .call_id
+                .as_str(),
+            "c_e"
+        );
+    }
+
+    #[test]
+    fn usage_intervals_are_written_once() {
+        let (_d, mut s) = open();
+        let row = UsageRow {
+            call_id: CallId::parse("c_1").expect("valid"),
+            user_id: uid("bob"),
+            tier: "hd".into(),
+            start_ms: 1000,
+            end_ms: 11_000,
+        };
+        assert_eq!(s.write_usage(std::slice::from_ref(&row)).expect("writes"), 1);
+        assert_eq!(s.write_usage(std::slice::from_ref(&row)).expect("writes"), 0);
+        assert_eq!(
+            s.usage(0, 2000, None, None).expect("reads"),
+            vec![row.clone()]
+        );
+        assert!(
+            s.usage(11_000, 20_000, None, None)
+                .expect("reads")
+                .is_empty()
+        );
+        assert!(
+            s.usage(0, 20_000, None, Some(&uid("x")))
+                .expect("reads")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn outbox_keeps_events_until_delivered() {
+        let (_d, mut s) = open();
+        s.enqueue_webhooks(
+            &[("e1".into(), "{}".into()), ("e2".into(), "{}".into())],
+            &["http://a".into()],
+            10,
+        )
+        .expect("enqueues");
+        let due = s.due_webhooks(10, 10).expect("reads");
+        assert_eq!(due.len(), 2);
+        s.webhook_retry(due[0].seq, 1000).expect("updates");
+        s.webhook_delivered(due[1].seq).expect("deletes");
+        assert!(s.due_webhooks(999, 10).expect("reads").is_empty());
+        let again = s.due_webhooks(1000, 10).expect("reads");
+        assert_eq!(again[0].attempts, 1);
+        assert_eq!(s.webhook_backlog().expect("counts"), 1);
+    }
+
+    #[test]
+    fn the_thread_commits_before_continuations_run_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.sqlite");
+        let (t, handle) = StoreThread::spawn(Store::open(&path).expect("opens"));
+        let (tx, rx) = mpsc::channel();
+        for i in 0..50u64 {
+            let c = record(&format!("c_{i}"), "alice", &["bob"], i);
+            let tx = tx.clone();
+            let p = path.clone();
+            t.submit(Job::Calls(
+                vec![c],
+                Some(Box::new(move || {
+                    // Another connection sees the row: it was committed before this ran.
+                    let other = Store::open(&p).expect("opens");
+                    let found = other
+                        .call(&CallId::parse(&format!("c_{i}")).expect("valid"))
+                        .expect("reads")
+                        .is_some();
+                    let _ = tx.send((i, found));
+                })),
+            ))
+            .expect("queued");
+        }
+        drop(t);
+        handle.join().expect("thread ends");
+        let got: Vec<(u64, bool)> = rx.try_iter().collect();
+        assert_eq!(got.len(), 50);
+        assert!(
+            got.iter()
+                .enumerate()
+                .all(|(i, (j, found))| *j == i as u64 && *found)
+        );
+    }
+}

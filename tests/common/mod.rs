@@ -1,0 +1,126 @@
+//! Shared harness: a real server on 127.0.0.1:0 with its own database, and clients that speak to it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use switchboard::auth::TokenAuthority;
+use switchboard::client::signal::SignalClient;
+use switchboard::config::Config;
+use switchboard::ids::UserId;
+use switchboard::server::{Options, Server};
+use tokio::task::JoinHandle;
+
+pub const SECRET: &str = "integration-test-secret";
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stop: tokio::sync::watch::Sender<bool>,
+    handle: JoinHandle<()>,
+    tokens: TokenAuthority,
+}
+
+pub fn config(dir: &std::path::Path) -> Config {
+    let mut c = Config::default();
+    c.auth.secret = SECRET.into();
+    c.storage.path = dir.join("switchboard.db");
+    c.server.listen = "127.0.0.1:0".parse().expect("addr");
+    c.media.udp_port = 0;
+    c
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(edit: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = config(dir.path());
+        edit(&mut c);
+        Self::start_in(dir, c, false).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, c: Config, dev: bool) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let tokens = TokenAuthority::new(&c.auth.secret);
+        let server = Server::start(c, Options { dev })
+            .await
+            .expect("server starts");
+        let stop = server.shutdown_sender();
+        let handle = tokio::spawn(async move {
+            server
+                .serve(listener, std::future::pending())
+                .await
+                .expect("serves");
+        });
+        Self {
+            addr,
+            dir,
+            stop,
+            handle,
+            tokens,
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/signal", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        let now = now_secs();
+        self.tokens.issue(
+            &UserId::parse(user).expect("valid"),
+            Some(user),
+            false,
+            now,
+            3600,
+        )
+    }
+
+    pub fn admin_token(&self) -> String {
+        let now = now_secs();
+        self.tokens
+            .issue(&UserId::parse("ops").expect("valid"), None, true, now, 3600)
+    }
+
+    pub async fn client(&self, user: &str) -> SignalClient {
+        SignalClient::connect(&self.ws_url(), &self.token(user))
+            .await
+            .expect("connects")
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .get(self.http(path))
+            .bearer_auth(self.admin_token())
+            .send()
+            .await
+            .expect("http");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn stop(self) -> tempfile::TempDir {
+        let _ = self.stop.send(true);
+        let _ = self.handle.await;
+        self.dir
+    }
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
