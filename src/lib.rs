@@ -10,6 +10,7 @@
 //! Imports only go down: `server` uses `signaling` and `storage`; the pure cores use nothing above them.
 
 pub mod auth;
+pub mod billing;
 pub mod codec;
 pub mod config;
 pub mod ids;
