@@ -46,8 +46,12 @@ fn cycles(c: &mut Criterion) {
                 call_id,
                 extended_data: String::new(),
             };
-            black_box(core.call_answer(now, callee, args.clone(), true));
-            black_box(core.call_end(now, caller, args));
+            let (out, reply) = core.call_answer(now, callee, args.clone(), true);
+            assert!(reply.is_ok(), "accept succeeds");
+            black_box(out);
+            let (out, reply) = core.call_end(now, caller, args);
+            assert!(reply.is_ok(), "end succeeds");
+            black_box(out);
             // Fire the eviction timers now and then so memory stays flat.
             if now % 1024 == 0 {
                 black_box(core.tick(now + 3_600_000));

@@ -5,12 +5,17 @@
 //! - [`signaling`]: the call-invitation state machine, a pure core with time passed in.
 //! - [`server`]: the async shell: axum HTTP/WebSocket, the session registry, timers, the admin API.
 //! - [`storage`]: the embedded SQLite store: call history, the usage ledger, the webhook outbox.
+//! - [`codec`]: video resolution measured from RTP payloads (VP8, VP9, H.264, AV1), never claimed.
+//! - [`billing`]: the tier meter (pure, time passed in) and usage reports.
+//! - [`client`]: Rust clients for tests and the load generator.
 //! - [`config`], [`auth`], [`ids`], [`metrics`]: shared foundations.
 //!
 //! Imports only go down: `server` uses `signaling` and `storage`; the pure cores use nothing above them.
 
 pub mod auth;
+pub mod billing;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod ids;
 pub mod metrics;

@@ -1,0 +1,409 @@
+//! Usage reports over a billing period (pure): ledger rows in, totals per (user, tier) and per
+//! (call, user, tier) out, as JSON (serde) or CSV (RFC 4180).
+//!
+//! Rules:
+//! - A row counts for the part of its `[start_ms, end_ms)` span that overlaps the period `[from, to)`,
+//!   in proportion to its milliseconds (a ledger row's `ms` is normally its span; a row merged by the
+//!   storage layer may carry fewer). The proportion is taken cumulatively from the row's start, so the
+//!   parts of one row in adjacent periods always add up to the row's `ms` exactly.
+//! - Billable minutes are `ceil(ms / 60_000)` of the total per (user, tier) over the whole period: a
+//!   user who received 30 s of `hd` in each of four calls pays 2 minutes, not 4. The per-call rows show
+//!   the same rounding of their own totals for information; they are not summed for billing.
+//! - Output is sorted (user, tier) and (call, user, tier), by tier name, so reports are reproducible.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::UsageRecord;
+use crate::ids::{CallId, UserId};
+
+/// One ledger row as the storage layer reads it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// The call.
+    pub call_id: CallId,
+    /// The user who received.
+    pub user_id: UserId,
+    /// The tier's name.
+    pub tier: String,
+    /// Start of the span, epoch milliseconds, inclusive.
+    pub start_ms: u64,
+    /// End of the span, epoch milliseconds, exclusive.
+    pub end_ms: u64,
+    /// Milliseconds of usage in the span.
+    pub ms: u64,
+}
+
+impl From<&UsageRecord> for UsageRow {
+    fn from(r: &UsageRecord) -> Self {
+        Self {
+            call_id: r.call_id.clone(),
+            user_id: r.user_id.clone(),
+            tier: r.tier.clone(),
+            start_ms: r.start_ms,
+            end_ms: r.end_ms,
+            ms: r.duration_ms(),
+        }
+    }
+}
+
+/// What to report: the period `[from_ms, to_ms)` and optional filters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReportQuery {
+    /// Start of the period, epoch milliseconds, inclusive.
+    pub from_ms: u64,
+    /// End of the period, epoch milliseconds, exclusive.
+    pub to_ms: u64,
+    /// Only this call.
+    pub call_id: Option<CallId>,
+    /// Only this user.
+    pub user_id: Option<UserId>,
+}
+
+/// Usage of one user in one tier over the period: the billable figure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserTierUsage {
+    /// The user.
+    pub user_id: UserId,
+    /// The tier.
+    pub tier: String,
+    /// Milliseconds received in this tier during the period.
+    pub ms: u64,
+    /// `ceil(ms / 60000)`.
+    pub billable_minutes: u64,
+}
+
+/// Usage of one user in one tier in one call over the period (for information).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallUserTierUsage {
+    /// The call.
+    pub call_id: CallId,
+    /// The user.
+    pub user_id: UserId,
+    /// The tier.
+    pub tier: String,
+    /// Milliseconds received in this tier in this call during the period.
+    pub ms: u64,
+    /// `ceil(ms / 60000)` of this row alone.
+    pub billable_minutes: u64,
+}
+
+/// A usage report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// Start of the period, inclusive.
+    pub from_ms: u64,
+    /// End of the period, exclusive.
+    pub to_ms: u64,
+    /// Per (user, tier), sorted.
+    pub users: Vec<UserTierUsage>,
+    /// Per (call, user, tier), sorted.
+    pub calls: Vec<CallUserTierUsage>,
+}
+
+/// `ceil(ms / 60000)`.
+pub fn billable_minutes(ms: u64) -> u64 {
+    ms.div_ceil(60_000)
+}
+
+/// The part of `row.ms` that falls in `[from, to)`, by time overlap (see the module docs).
+pub fn clip(row: &UsageRow, from_ms: u64, to_ms: u64) -> u64 {
+    let span = row.end_ms.saturating_sub(row.start_ms);
+    let lo = row.start_ms.max(from_ms);
+    let hi = row.end_ms.min(to_ms);
+    if span == 0 || hi <= lo {
+        return 0;
+    }
+    // ms × elapsed / span, cumulative from the row's start; u128 cannot overflow.
+    let upto =
+        |t: u64| -> u128 { u128::from(row.ms) * u128::from(t - row.start_ms) / u128::from(span) };
+    u64::try_from(upto(hi) - upto(lo)).unwrap_or(u64::MAX)
+}
+
+/// Aggregates `rows` for `query`.
+pub fn build(rows: &[UsageRow], query: &ReportQuery) -> UsageReport {
+    let mut users: BTreeMap<(&UserId, &str), u64> = BTreeMap::new();
+    let mut calls: BTreeMap<(&CallId, &UserId, &str), u64> = BTreeMap::new();
+    for row in rows {
+        if query.call_id.as_ref().is_some_and(|c| *c != row.call_id)
+            || query.user_id.as_ref().is_some_and(|u| *u != row.user_id)
+        {
+            continue;
+        }
+        let ms = clip(row, query.from_ms, query.to_ms);
+        if ms == 0 {
+            continue;
+        }
+        let u = users.entry((&row.user_id, row.tier.as_str())).or_default();
+        *u = u.saturating_add(ms);
+        let c = calls
+            .entry((&row.call_id, &row.user_id, row.tier.as_str()))
+            .or_default();
+        *c = c.saturating_add(ms);
+    }
+    UsageReport {
+        from_ms: query.from_ms,
+        to_ms: query.to_ms,
+        users: users
+            .into_iter()
+            .map(|((user_id, tier), ms)| UserTierUsage {
+                user_id: user_id.clone(),
+                tier: tier.to_owned(),
+                ms,
+                billable_minutes: billable_minutes(ms),
+            })
+            .collect(),
+        calls: calls
+            .into_iter()
+            .map(|((call_id, user_id, tier), ms)| CallUserTierUsage {
+                call_id: call_id.clone(),
+                user_id: user_id.clone(),
+                tier: tier.to_owned(),
+                ms,
+                billable_minutes: billable_minutes(ms),
+            })
+            .collect(),
+    }
+}
+
+impl UsageReport {
+    /// The report as JSON.
+    pub fn to_json(&self) -> String {
+        // Serializing plain strings and integers cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Per (call, user, tier) rows as CSV: a header line, CRLF line ends, RFC 4180 quoting.
+    pub fn calls_csv(&self) -> String {
+        let mut out = String::from("call_id,user_id,tier,ms,billable_minutes\r\n");
+        for r in &self.calls {
+            csv_line(
+                &mut out,
+                &[
+                    r.call_id.as_str(),
+                    r.user_id.as_str(),
+                    &r.tier,
+                    &r.ms.to_string(),
+                    &r.billable_minutes.to_string(),
+                ],
+            );
+        }
+        out
+    }
+
+    /// Per (user, tier) rows as CSV: a header line, CRLF line ends, RFC 4180 quoting.
+    pub fn users_csv(&self) -> String {
+        let mut out = String::from("user_id,tier,ms,billable_minutes\r\n");
+        for r in &self.users {
+            csv_line(
+                &mut out,
+                &[
+                    r.user_id.as_str(),
+                    &r.tier,
+                    &r.ms.to_string(),
+                    &r.billable_minutes.to_string(),
+                ],
+            );
+        }
+        out
+    }
+}
+
+/// Appends one CSV record. A field with a comma, a double quote, CR or LF is enclosed in double quotes
+/// with its double quotes doubled (RFC 4180 2.6, 2.7); a field that starts with `=`, `+`, `-` or `@` is
+/// left as it is (IDs may start with `-`; spreadsheet formula escaping is the reader's business).
+fn csv_line(out: &mut String, fields: &[&str]) {
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if f.contains([',', '"', '\r', '\n']) {
+            out.push('"');
+            out.push_str(&f.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            let _ = write!(out, "{f}");
+        }
+    }
+    out.push_str("\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(call: &str, user: &str, tier: &str, start: u64, end: u64) -> UsageRow {
+        UsageRow {
+            call_id: CallId::parse(call).expect("call"),
+            user_id: UserId::parse(user).expect("user"),
+            tier: tier.to_owned(),
+            start_ms: start,
+            end_ms: end,
+            ms: end - start,
+        }
+    }
+
+    fn period(from_ms: u64, to_ms: u64) -> ReportQuery {
+        ReportQuery {
+            from_ms,
+            to_ms,
+            ..ReportQuery::default()
+        }
+    }
+
+    #[test]
+    fn minutes_round_up_per_user_and_tier_over_the_period() {
+        assert_eq!(billable_minutes(0), 0);
+        assert_eq!(billable_minutes(1), 1);
+        assert_eq!(billable_minutes(60_000), 1);
+        assert_eq!(billable_minutes(60_001), 2);
+        // 30 s of hd in each of four calls: 2 billable minutes, while each call row shows 1.
+        let rows: Vec<UsageRow> = (0..4)
+            .map(|i| {
+                row(
+                    &format!("c{i}"),
+                    "bob",
+                    "hd",
+                    i * 100_000,
+                    i * 100_000 + 30_000,
+                )
+            })
+            .collect();
+        let r = build(&rows, &period(0, 1_000_000));
+        assert_eq!(
+            r.users,
+            vec![UserTierUsage {
+                user_id: UserId::parse("bob").expect("user"),
+                tier: "hd".into(),
+                ms: 120_000,
+                billable_minutes: 2,
+            }]
+        );
+        assert_eq!(r.calls.len(), 4);
+        assert!(
+            r.calls
+                .iter()
+                .all(|c| c.ms == 30_000 && c.billable_minutes == 1)
+        );
+    }
+
+    #[test]
+    fn rows_are_clipped_to_the_period_by_overlap() {
+        let rows = vec![
+            row("c1", "bob", "hd", 0, 10_000),      // half inside
+            row("c1", "bob", "hd", 10_000, 20_000), // inside
+            row("c1", "bob", "2k", 25_000, 40_000), // one third inside
+            row("c1", "bob", "4k", 30_000, 31_000), // after the period
+        ];
+        let r = build(&rows, &period(5_000, 30_000));
+        let got: Vec<(&str, u64)> = r.users.iter().map(|u| (u.tier.as_str(), u.ms)).collect();
+        assert_eq!(got, vec![("2k", 5_000), ("hd", 15_000)]);
+    }
+
+    #[test]
+    fn proportional_clipping_of_a_short_row_adds_up_across_adjacent_periods() {
+        // A merged row: 1000 ms of usage spread over a 3000 ms span.
+        let r = UsageRow {
+            ms: 1_000,
+            ..row("c1", "bob", "hd", 0, 3_000)
+        };
+        let parts: Vec<u64> = [(0, 1_000), (1_000, 2_000), (2_000, 3_000)]
+            .iter()
+            .map(|&(a, b)| clip(&r, a, b))
+            .collect();
+        assert_eq!(parts, vec![333, 333, 334]);
+        assert_eq!(parts.iter().sum::<u64>(), 1_000);
+        assert_eq!(clip(&r, 3_000, 9_000), 0);
+        assert_eq!(
+            clip(
+                &UsageRow {
+                    ms: u64::MAX,
+                    ..row("c1", "bob", "hd", 0, u64::MAX)
+                },
+                0,
+                u64::MAX
+            ),
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn filters_select_a_call_or_a_user() {
+        let rows = vec![
+            row("c1", "bob", "hd", 0, 1_000),
+            row("c2", "bob", "hd", 0, 2_000),
+            row("c1", "carol", "hd", 0, 4_000),
+        ];
+        let by_call = build(
+            &rows,
+            &ReportQuery {
+                call_id: Some(CallId::parse("c1").expect("call")),
+                ..period(0, 10_000)
+            },
+        );
+        assert_eq!(
+            by_call.users.iter().map(|u| u.ms).collect::<Vec<_>>(),
+            vec![1_000, 4_000]
+        );
+        let by_user = build(
+            &rows,
+            &ReportQuery {
+                user_id: Some(UserId::parse("bob").expect("user")),
+                ..period(0, 10_000)
+            },
+        );
+        assert_eq!(by_user.users.len(), 1);
+        assert_eq!(by_user.users[0].ms, 3_000);
+        assert_eq!(by_user.calls.len(), 2);
+    }
+
+    #[test]
+    fn csv_has_a_header_crlf_lines_and_rfc_4180_quoting() {
+        let rows = vec![
+            row("c1", "bob", "hd, \"plus\"", 0, 61_000),
+            row("c1", "bob", "line\nbreak", 0, 1_000),
+            row("c1", "bob", "plain", 0, 60_000),
+        ];
+        let r = build(&rows, &period(0, 100_000));
+        assert_eq!(
+            r.users_csv(),
+            "user_id,tier,ms,billable_minutes\r\n\
+             bob,\"hd, \"\"plus\"\"\",61000,2\r\n\
+             bob,\"line\nbreak\",1000,1\r\n\
+             bob,plain,60000,1\r\n"
+        );
+        assert_eq!(
+            r.calls_csv().lines().next(),
+            Some("call_id,user_id,tier,ms,billable_minutes")
+        );
+        assert!(r.calls_csv().contains("c1,bob,plain,60000,1\r\n"));
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let rows = vec![row("c1", "bob", "hd", 0, 90_000)];
+        let r = build(&rows, &period(0, 100_000));
+        let json = r.to_json();
+        assert!(json.contains("\"billable_minutes\":2"), "{json}");
+        let back: UsageReport = serde_json::from_str(&json).expect("json");
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn records_from_the_meter_become_rows_with_their_span_as_ms() {
+        let rec = UsageRecord {
+            call_id: CallId::parse("c1").expect("call"),
+            user_id: UserId::parse("bob").expect("user"),
+            tier: "hd".into(),
+            start_ms: 10,
+            end_ms: 250,
+        };
+        let r = UsageRow::from(&rec);
+        assert_eq!(
+            (r.start_ms, r.end_ms, r.ms, r.tier.as_str()),
+            (10, 250, 240, "hd")
+        );
+    }
+}
