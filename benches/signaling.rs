@@ -53,7 +53,7 @@ fn cycles(c: &mut Criterion) {
             assert!(reply.is_ok(), "end succeeds");
             black_box(out);
             // Fire the eviction timers now and then so memory stays flat.
-            if now % 1024 == 0 {
+            if now.is_multiple_of(1024) {
                 black_box(core.tick(now + 3_600_000));
             }
         });
