@@ -10,6 +10,7 @@
 pub mod http;
 pub mod hub;
 pub mod session;
+pub mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -211,6 +212,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/calls", get(http::list_calls))
         .route("/v1/calls/{call_id}", get(http::get_call))
         .route("/v1/calls/{call_id}/end", post(http::end_call))
+        .merge(web::routes())
         .fallback(http::not_found)
         .with_state(state)
 }

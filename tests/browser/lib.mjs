@@ -1,0 +1,239 @@
+// Helpers for the browser end-to-end tests: the server under test, browser users, waits and checks.
+
+import { spawn, execFile } from 'node:child_process';
+import { createServer } from 'node:net';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { createWriteStream, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+
+const execFileP = promisify(execFile);
+const WEB_DIR = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'web');
+const WEB_TYPES = { '.html': 'text/html', '.js': 'text/javascript', '.css': 'text/css', '.svg': 'image/svg+xml' };
+
+// A development aid, off by default: SWITCHBOARD_WEB_FROM_DISK=1 answers the app's own files from
+// web/ on disk instead of the binary, so that a change to the app needs no rebuild. The tests
+// proper always exercise the files embedded in the binary.
+async function serveWebFromDisk(context) {
+  // Only sub-resources: a document that does not come from the loopback server would lose its
+  // right to open a WebSocket to 127.0.0.1 (Chromium's local network access checks).
+  await context.route(/\/(app\.js|ui\.js|style\.css|favicon\.svg|sdk\/switchboard\.js)(\?.*)?$/, async (route) => {
+    const path = new URL(route.request().url()).pathname;
+    const file = join(WEB_DIR, path);
+    const ext = file.slice(file.lastIndexOf('.'));
+    await route.fulfill({ body: await readFile(file), contentType: WEB_TYPES[ext] ?? 'application/octet-stream' });
+  });
+}
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+export class AssertionError extends Error {}
+
+export function assert(cond, message) {
+  if (!cond) throw new AssertionError(message);
+}
+
+/** A TCP port nobody listens on right now. */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.unref();
+    s.on('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** Polls `fn` until it returns a truthy value; throws with `what` after `timeout` ms. */
+export async function waitUntil(fn, { timeout = 10_000, every = 200, what = 'condition' } = {}) {
+  const deadline = Date.now() + timeout;
+  let last;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v) return v;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline) {
+      throw new AssertionError(`timed out after ${timeout} ms waiting for ${what}${last ? ` (last error: ${last.message})` : ''}`);
+    }
+    await sleep(every);
+  }
+}
+
+/** The real server binary in dev mode, on a free port, with its database in a temp directory. */
+export class TestServer {
+  constructor({ bin, logPath }) {
+    this.bin = bin;
+    this.logPath = logPath;
+    this.proc = null;
+  }
+
+  async start() {
+    if (!existsSync(this.bin)) {
+      throw new Error(`${this.bin} does not exist: build it with \`cargo build --release\` (or set SWITCHBOARD_BIN)`);
+    }
+    this.dir = await mkdtemp(join(tmpdir(), 'switchboard-browser-'));
+    this.port = await freePort();
+    this.url = `http://127.0.0.1:${this.port}`;
+    // Only our own SWITCHBOARD_* variables reach the server: it refuses unknown ones, and the test
+    // tooling sets a few of its own (SWITCHBOARD_CHROMIUM, SWITCHBOARD_BIN...).
+    const inherited = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('SWITCHBOARD_')));
+    this.env = {
+      ...inherited,
+      SWITCHBOARD_STORAGE_PATH: join(this.dir, 'switchboard.db'),
+      SWITCHBOARD_SERVER_LISTEN: `127.0.0.1:${this.port}`,
+      SWITCHBOARD_MEDIA_UDP_PORT: '0',
+      RUST_LOG: process.env.RUST_LOG ?? 'info',
+    };
+    const log = createWriteStream(this.logPath);
+    this.proc = spawn(this.bin, ['serve', '--dev'], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    this.proc.stdout.pipe(log);
+    this.proc.stderr.pipe(log);
+    this.exited = new Promise((resolve) => this.proc.on('exit', (code, signal) => resolve({ code, signal })));
+    const up = waitUntil(async () => (await fetch(`${this.url}/healthz`)).ok, { timeout: 30_000, what: 'the server to answer /healthz' });
+    const died = this.exited.then(({ code, signal }) => {
+      throw new Error(`the server exited (${signal ?? code}) while starting; see ${this.logPath}`);
+    });
+    await Promise.race([up, died]);
+    const { stdout } = await execFileP(this.bin, ['token', '--dev', '--user', 'ops', '--admin'], { env: this.env });
+    this.adminToken = stdout.trim().split(/\s+/).pop();
+    return this;
+  }
+
+  /** GET an admin endpoint; resolves with `{status, body}`. */
+  async admin(path) {
+    const r = await fetch(`${this.url}${path}`, { headers: { authorization: `Bearer ${this.adminToken}` } });
+    let body = null;
+    try {
+      body = await r.json();
+    } catch { /* not JSON */ }
+    return { status: r.status, body };
+  }
+
+  async stop() {
+    if (this.proc && this.proc.exitCode == null) {
+      this.proc.kill('SIGTERM');
+      const timer = setTimeout(() => this.proc.kill('SIGKILL'), 10_000);
+      await this.exited;
+      clearTimeout(timer);
+    }
+    if (this.dir) await rm(this.dir, { recursive: true, force: true });
+  }
+}
+
+export const DESKTOP = { width: 1280, height: 800 };
+export const PHONE = { width: 390, height: 844 };
+
+/** One person in one fresh browser context (its own cookies, storage and permissions). */
+export class User {
+  constructor(t, { id, name, viewport = DESKTOP, query = '' }) {
+    this.t = t;
+    this.id = id;
+    this.name = name;
+    this.viewport = viewport;
+    this.query = query;
+    this.logs = [];
+    this.errors = [];
+  }
+
+  async open() {
+    const { browser, server } = this.t;
+    this.context = await browser.newContext({
+      viewport: this.viewport,
+      deviceScaleFactor: 1,
+      permissions: ['camera', 'microphone'],
+      baseURL: server.url,
+    });
+    if (process.env.SWITCHBOARD_WEB_FROM_DISK === '1') await serveWebFromDisk(this.context);
+    this.page = await this.context.newPage();
+    this.page.on('console', (m) => this.logs.push(`[${m.type()}] ${m.text()}`));
+    this.page.on('pageerror', (e) => {
+      this.errors.push(e);
+      this.logs.push(`[pageerror] ${e.stack ?? e.message}`);
+    });
+    await this.page.goto(`/${this.query}`);
+    await this.page.locator('#view-signin').waitFor({ state: 'visible' });
+    return this;
+  }
+
+  /** Signs in through the form (dev mode: the page fetches a token). */
+  async signIn() {
+    const p = this.page;
+    await p.getByLabel('User ID', { exact: true }).fill(this.id);
+    await p.getByLabel(/Display name/).fill(this.name);
+    await p.getByRole('button', { name: 'Sign in' }).click();
+    await p.locator('#view-home').waitFor({ state: 'visible' });
+    await waitUntil(() => p.evaluate(() => window.switchboardApp?.sb?.state === 'open'), { what: `${this.id} connected` });
+    return this;
+  }
+
+  /** Starts a call from home: `type` is 'video' or 'voice'. */
+  async call(ids, type = 'video') {
+    const p = this.page;
+    await p.getByLabel('Who do you want to call?').fill(Array.isArray(ids) ? ids.join(', ') : ids);
+    await p.getByRole('button', { name: type === 'video' ? 'Video call' : 'Voice call', exact: true }).click();
+  }
+
+  /** The incoming-call dialog, once it is open. */
+  async incoming({ timeout = 10_000 } = {}) {
+    const dlg = this.page.locator('dialog#incoming[open]');
+    await dlg.waitFor({ state: 'visible', timeout });
+    return dlg;
+  }
+
+  async view(name, { timeout = 10_000 } = {}) {
+    await this.page.locator(`#view-${name}`).waitFor({ state: 'visible', timeout });
+  }
+
+  async homeNotice({ timeout = 10_000 } = {}) {
+    await this.view('home', { timeout });
+    const n = this.page.locator('#home-notice');
+    await n.waitFor({ state: 'visible', timeout });
+    return (await n.textContent()).trim();
+  }
+
+  /** The call ID of the call the page is in (or waiting on). */
+  callId() {
+    return this.page.evaluate(() => window.switchboardApp.call?.callId ?? window.switchboardApp.outgoing?.callId ?? null);
+  }
+
+  /** Waits until the tile of `userId` plays video: frames are decoded and time advances. */
+  async expectVideoFrom(userId, { timeout = 30_000 } = {}) {
+    const p = this.page;
+    const sample = () => p.evaluate((uid) => {
+      const v = document.querySelector(`.tile[data-user="${CSS.escape(uid)}"] video`);
+      return v ? { w: v.videoWidth, h: v.videoHeight, t: v.currentTime, paused: v.paused } : null;
+    }, userId);
+    const first = await waitUntil(async () => {
+      const s = await sample();
+      return s && s.w > 0 && s.t > 0 && !s.paused ? s : null;
+    }, { timeout, what: `${this.id} to receive video from ${userId}` });
+    await sleep(1200);
+    const second = await sample();
+    assert(second && second.t > first.t + 0.5, `${this.id}: video from ${userId} is not advancing (${first.t} → ${second?.t})`);
+    return second;
+  }
+
+  /** The server-measured resolution shown on a remote tile, e.g. "640×360". */
+  async measuredResolution(userId, { timeout = 20_000 } = {}) {
+    const badge = this.page.locator(`.tile[data-user="${userId}"] .tile-res`);
+    await badge.waitFor({ state: 'visible', timeout });
+    const text = (await badge.textContent()).trim();
+    assert(/^\d+×\d+$/.test(text), `${this.id}: resolution badge of ${userId} reads “${text}”`);
+    return text;
+  }
+
+  async shot(label) {
+    await this.t.shot(this, label);
+  }
+
+  async close() {
+    await this.context?.close().catch(() => {});
+  }
+}

@@ -1,0 +1,266 @@
+// The end-to-end scenarios. Each uses its own users, so calls that linger on the server (a general
+// call stays started until its room has been empty for a while) cannot make a later scenario busy.
+
+import { PHONE, assert, sleep, waitUntil } from './lib.mjs';
+
+const click = (user, name) => user.page.getByRole('button', { name, exact: typeof name === 'string' }).click();
+
+async function text(user, selector) {
+  return ((await user.page.locator(selector).textContent()) ?? '').trim();
+}
+
+async function dialogClosed(user, { timeout = 5000 } = {}) {
+  await user.page.locator('dialog#incoming[open]').waitFor({ state: 'hidden', timeout });
+}
+
+// The admin room description: every listed user is a participant, and somewhere under each one a
+// video layer has a measured width and height.
+function measuredParticipants(room) {
+  const participants = room?.participants ?? room?.room?.participants ?? [];
+  const measured = (v) => {
+    if (!v || typeof v !== 'object') return false;
+    if (Number(v.width) > 0 && Number(v.height) > 0) return true;
+    return Object.values(v).some(measured);
+  };
+  return participants.filter((p) => measured(p.tracks ?? p)).map((p) => p.user_id);
+}
+
+async function expectTileGone(user, userId, { timeout = 8000 } = {}) {
+  await user.page.locator(`.tile[data-user="${userId}"]`).waitFor({ state: 'detached', timeout });
+}
+
+export const scenarios = [
+  {
+    name: 'video-call',
+    title: 'Alice video-calls Bob; Bob accepts; each sees the other; the server measures both',
+    async run(t) {
+      const alice = await t.user({ id: 'alice', name: 'Alice Martin' });
+      const bob = await t.user({ id: 'bob', name: 'Bob Chen', viewport: PHONE });
+      await alice.shot('sign-in');
+      await bob.shot('sign-in');
+      await alice.signIn();
+      await bob.signIn();
+      await alice.shot('home');
+
+      await alice.call('bob', 'video');
+      await alice.view('waiting');
+      const dlg = await bob.incoming();
+      const dlgText = await dlg.textContent();
+      assert(/Alice Martin/.test(dlgText) && /Incoming video call/.test(dlgText), `Bob's dialog reads “${dlgText}”`);
+      await waitUntil(async () => (await text(alice, '#waiting-status')) === 'Ringing…', { what: 'Alice to see “Ringing…”' });
+      await alice.shot('waiting');
+      await bob.shot('incoming');
+
+      await click(bob, /^Accept/);
+      await alice.view('call');
+      await bob.view('call');
+      await dialogClosed(bob);
+      const fromBob = await alice.expectVideoFrom('bob');
+      const fromAlice = await bob.expectVideoFrom('alice');
+      t.log(`Alice receives ${fromBob.w}×${fromBob.h}, Bob receives ${fromAlice.w}×${fromAlice.h}`);
+      const resBob = await alice.measuredResolution('bob');
+      const resAlice = await bob.measuredResolution('alice');
+      t.log(`measured by the server: Bob's video ${resBob}, Alice's video ${resAlice}`);
+
+      const callId = await alice.callId();
+      assert(callId, 'Alice has no call ID');
+      const room = await waitUntil(async () => {
+        const r = await t.server.admin(`/v1/rooms/${encodeURIComponent(callId)}`);
+        const who = r.status === 200 ? measuredParticipants(r.body) : [];
+        return who.includes('alice') && who.includes('bob') ? r.body : null;
+      }, { timeout: 15_000, what: `GET /v1/rooms/${callId} to list alice and bob with measured resolutions` });
+      const count = (room.participants ?? room.room?.participants ?? []).length;
+      assert(count === 2, `the room has ${count} participants, expected 2`);
+      if (await alice.page.locator('#tier-badge').isVisible()) {
+        t.log(`Alice's billing tier: ${await text(alice, '#tier-badge')}`);
+      } else {
+        t.log('no billing_tier event yet: the tier badge stays hidden');
+      }
+      await alice.shot('in-call');
+      await bob.shot('in-call');
+
+      // Camera off: Alice sees Bob's avatar instead of a frozen frame; on again: video returns.
+      await click(bob, 'Turn camera off');
+      await waitUntil(() => alice.page.evaluate(() => document.querySelector('.tile[data-user="bob"]')?.dataset.video === 'off'),
+        { what: "Bob's tile on Alice's page to show the avatar" });
+      await alice.shot('bob-camera-off');
+      await click(bob, 'Turn camera on');
+      await alice.expectVideoFrom('bob');
+      await click(bob, 'Mute microphone');
+      assert(await bob.page.locator('#toggle-mic').getAttribute('aria-pressed') === 'true', 'mute button is not pressed');
+      await bob.shot('muted');
+
+      await click(alice, 'Hang up');
+      const aliceNotice = await alice.homeNotice();
+      assert(/Call ended/.test(aliceNotice), `Alice's notice reads “${aliceNotice}”`);
+      const bobNotice = await bob.homeNotice({ timeout: 10_000 });
+      assert(/Alice Martin hung up/.test(bobNotice), `Bob's notice reads “${bobNotice}”`);
+      await alice.shot('after-call');
+      await bob.shot('after-call');
+    },
+  },
+
+  {
+    name: 'decline',
+    title: 'Eli declines: Dana is told so',
+    async run(t) {
+      const dana = await t.user({ id: 'dana', name: 'Dana Ruiz' });
+      const eli = await t.user({ id: 'eli', name: 'Eli Novak', viewport: PHONE });
+      await dana.signIn();
+      await eli.signIn();
+      await dana.call('eli', 'voice');
+      await dana.view('waiting');
+      const dlg = await eli.incoming();
+      assert(/Incoming voice call/.test(await dlg.textContent()), 'Eli does not see a voice call');
+      await eli.shot('incoming');
+      await click(eli, /^Decline/);
+      await dialogClosed(eli);
+      const notice = await dana.homeNotice();
+      assert(/Eli Novak declined the call/.test(notice), `Dana's notice reads “${notice}”`);
+      await dana.shot('declined');
+      await eli.shot('after-decline');
+    },
+  },
+
+  {
+    name: 'timeout',
+    title: 'Nobody answers: both pages clear at the timeout',
+    async run(t) {
+      const fay = await t.user({ id: 'fay', name: 'Fay Okafor', query: '?timeout=3' });
+      const gus = await t.user({ id: 'gus', name: 'Gus Berg', query: '?timeout=3' });
+      await fay.signIn();
+      await gus.signIn();
+      const started = Date.now();
+      await fay.call('gus', 'video');
+      await fay.view('waiting');
+      await gus.incoming();
+      await fay.shot('waiting');
+      await gus.shot('ringing');
+      const notice = await fay.homeNotice({ timeout: 8000 });
+      const fayCleared = (Date.now() - started) / 1000;
+      await dialogClosed(gus, { timeout: 3000 });
+      const gusCleared = (Date.now() - started) / 1000;
+      assert(/No answer from Gus Berg/.test(notice), `Fay's notice reads “${notice}”`);
+      assert(fayCleared >= 2.5 && fayCleared <= 6, `Fay's page cleared after ${fayCleared} s, expected about 3 s`);
+      assert(gusCleared <= 6.5, `Gus's dialog cleared after ${gusCleared} s`);
+      t.log(`cleared after ${fayCleared.toFixed(1)} s (Fay) and ${gusCleared.toFixed(1)} s (Gus)`);
+      await gus.page.locator('.toast', { hasText: 'Missed call from Fay Okafor' }).waitFor({ timeout: 3000 });
+      await fay.shot('no-answer');
+      await gus.shot('missed');
+    },
+  },
+
+  {
+    name: 'cancel',
+    title: 'Hana cancels while ringing: Ivan’s dialog disappears',
+    async run(t) {
+      const hana = await t.user({ id: 'hana', name: 'Hana Sato' });
+      const ivan = await t.user({ id: 'ivan', name: 'Ivan Petrov' });
+      await hana.signIn();
+      await ivan.signIn();
+      await hana.call('ivan', 'video');
+      await hana.view('waiting');
+      await ivan.incoming();
+      await waitUntil(async () => (await text(hana, '#waiting-status')) === 'Ringing…', { what: 'Hana to see “Ringing…”' });
+      await click(hana, 'Cancel call');
+      await dialogClosed(ivan, { timeout: 4000 });
+      await ivan.page.locator('.toast', { hasText: 'Hana Sato cancelled the call' }).waitFor({ timeout: 3000 });
+      await hana.view('home');
+      await ivan.shot('cancelled');
+      await hana.shot('after-cancel');
+    },
+  },
+
+  {
+    name: 'busy',
+    title: 'Lea calls Kim while Kim is in a call with Jon: Lea is told Kim is busy',
+    async run(t) {
+      const jon = await t.user({ id: 'jon', name: 'Jon Park' });
+      const kim = await t.user({ id: 'kim', name: 'Kim Laine' });
+      const lea = await t.user({ id: 'lea', name: 'Lea Vogel', viewport: PHONE });
+      await jon.signIn();
+      await kim.signIn();
+      await lea.signIn();
+      await jon.call('kim', 'voice');
+      await kim.incoming();
+      await click(kim, /^Accept/);
+      await jon.view('call');
+      await kim.view('call');
+      await lea.call('kim', 'video');
+      const notice = await lea.homeNotice();
+      assert(/Kim Laine is busy/.test(notice), `Lea's notice reads “${notice}”`);
+      assert(!(await kim.page.locator('dialog#incoming[open]').count()), 'Kim was shown an invitation while busy');
+      await lea.shot('busy');
+      await kim.shot('in-call');
+      await click(jon, 'Hang up');
+      await jon.view('home');
+    },
+  },
+
+  {
+    name: 'group-call',
+    title: 'Group call: Maya calls Noah and Olga, invites Olga again during the call; Noah hangs up, the others go on',
+    async run(t) {
+      const maya = await t.user({ id: 'maya', name: 'Maya Singh' });
+      const noah = await t.user({ id: 'noah', name: 'Noah Weber' });
+      const olga = await t.user({ id: 'olga', name: 'Olga Ivanova', viewport: PHONE });
+      await maya.signIn();
+      await noah.signIn();
+      await olga.signIn();
+
+      await maya.call(['noah', 'olga'], 'video');
+      await maya.view('call');
+      const dn = await noah.incoming();
+      const dnText = await dn.textContent();
+      assert(/Incoming group video call/.test(dnText) && /Olga Ivanova/.test(dnText), `Noah's dialog reads “${dnText}”`);
+      await olga.incoming();
+      await maya.page.locator('.tile[data-user="noah"][data-state="ringing"]').waitFor();
+      await maya.shot('ringing-both');
+      await noah.shot('incoming-group');
+
+      await click(noah, /^Accept/);
+      await click(olga, /^Decline/);
+      await maya.page.locator('.toast', { hasText: 'Olga Ivanova declined' }).waitFor({ timeout: 5000 });
+      await expectTileGone(maya, 'olga');
+      await noah.view('call');
+      await maya.expectVideoFrom('noah');
+      await noah.expectVideoFrom('maya');
+      await maya.shot('two-of-three');
+
+      // Invite more: Olga, again, from inside the call.
+      await click(maya, 'Invite more people');
+      await maya.page.getByLabel('User IDs', { exact: true }).fill('olga');
+      await maya.shot('invite-dialog');
+      await click(maya, 'Invite');
+      await olga.incoming();
+      await maya.page.locator('.tile[data-user="olga"][data-state="ringing"]').waitFor({ timeout: 5000 });
+      await click(olga, /^Accept/);
+      await olga.view('call');
+      for (const [u, others] of [[maya, ['noah', 'olga']], [noah, ['maya', 'olga']], [olga, ['maya', 'noah']]]) {
+        for (const o of others) await u.expectVideoFrom(o);
+      }
+      await maya.shot('three');
+      await noah.shot('three');
+      await olga.shot('three');
+
+      // Noah hangs up; Maya and Olga go on.
+      await click(noah, 'Hang up');
+      const nn = await noah.homeNotice();
+      assert(/Call ended/.test(nn), `Noah's notice reads “${nn}”`);
+      await expectTileGone(maya, 'noah');
+      await expectTileGone(olga, 'noah');
+      await maya.page.locator('.toast', { hasText: 'Noah Weber left the call' }).waitFor({ timeout: 5000 });
+      await sleep(500);
+      await maya.view('call');
+      await olga.view('call');
+      await maya.expectVideoFrom('olga');
+      await olga.expectVideoFrom('maya');
+      await maya.shot('after-noah-left');
+      await olga.shot('after-noah-left');
+      await click(maya, 'Hang up');
+      await maya.view('home');
+      await click(olga, 'Hang up');
+      await olga.view('home');
+    },
+  },
+];
