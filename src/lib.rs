@@ -18,6 +18,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod ids;
+pub mod loadtest;
 pub mod metrics;
 pub mod server;
 pub mod signaling;

@@ -53,6 +53,37 @@ enum Command {
         #[arg(long)]
         admin: bool,
     },
+    /// Put a real load on a running server and report what was measured.
+    Loadtest(LoadtestArgs),
+}
+
+#[derive(Args)]
+struct LoadtestArgs {
+    /// What to load: `signaling` (invite → accept → end cycles, idle sessions).
+    #[arg(long, default_value = "signaling")]
+    scenario: String,
+    /// The server's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:7880")]
+    url: String,
+    /// The server's token secret (the load generator mints its own tokens). Defaults to the dev
+    /// secret, for a server started with --dev.
+    #[arg(long, env = "SWITCHBOARD_AUTH_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// How long to measure: 30s, 2m.
+    #[arg(long, default_value = "10s")]
+    duration: String,
+    /// Warm-up before measuring.
+    #[arg(long, default_value = "2s")]
+    warmup: String,
+    /// Signaling: caller/callee pairs cycling concurrently.
+    #[arg(long, default_value_t = 64)]
+    pairs: usize,
+    /// Signaling: idle sessions to hold open (server memory per session is reported).
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
@@ -154,6 +185,38 @@ fn token(
     Ok(())
 }
 
+async fn loadtest(args: LoadtestArgs) -> anyhow::Result<()> {
+    let duration = std::time::Duration::from_secs(
+        parse_ttl(&args.duration).map_err(|e| anyhow::anyhow!("--duration: {e}"))?,
+    );
+    let warmup = std::time::Duration::from_secs(
+        parse_ttl(&args.warmup).map_err(|e| anyhow::anyhow!("--warmup: {e}"))?,
+    );
+    let secret = args.secret.unwrap_or_else(|| DEV_SECRET.to_owned());
+    match args.scenario.as_str() {
+        "signaling" => {
+            let report = switchboard::loadtest::signaling::run(
+                switchboard::loadtest::signaling::SignalingLoad {
+                    url: args.url,
+                    secret,
+                    pairs: args.pairs,
+                    idle: args.idle,
+                    duration,
+                    warmup,
+                },
+            )
+            .await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(())
+        }
+        other => bail!("unknown --scenario {other:?}: use signaling"),
+    }
+}
+
 fn raise_fd_limit() {
     // Every session is a socket; allow as many as the hard limit permits.
     let mut lim = libc::rlimit {
@@ -185,6 +248,11 @@ fn main() -> ExitCode {
             ttl,
             admin,
         } => token(cfg, user, name, ttl, admin),
+        Command::Loadtest(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(loadtest(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

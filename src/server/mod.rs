@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -173,6 +174,10 @@ impl Server {
             }
             let _ = tx.send(true);
         };
+        // Signaling frames are small and latency-bound: no Nagle delay.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let result = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
