@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::billing::{UsageRecord, UsageRow};
 use crate::ids::{CallId, UserId};
 use crate::signaling::wire::{CallState, EndReason, Mode, UserState};
 use crate::signaling::{CallRecord, CallUserRecord};
@@ -59,21 +60,6 @@ pub struct CallFilter {
     pub user_id: Option<UserId>,
     /// At most this many (newest first).
     pub limit: usize,
-}
-
-/// One metered interval of the billing ledger.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageRow {
-    /// The call.
-    pub call_id: CallId,
-    /// The subscriber.
-    pub user_id: UserId,
-    /// Tier name.
-    pub tier: String,
-    /// Start, ms since the epoch.
-    pub start_ms: u64,
-    /// End, ms since the epoch.
-    pub end_ms: u64,
 }
 
 /// A webhook event waiting for delivery.
@@ -477,7 +463,7 @@ impl Store {
     }
 
     /// Writes ledger intervals; an interval already written (same call, user and start) is skipped.
-    pub fn write_usage(&mut self, rows: &[UsageRow]) -> Result<usize, StoreError> {
+    pub fn write_usage(&mut self, rows: &[UsageRecord]) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let mut n = 0;
         {
@@ -539,6 +525,7 @@ impl Store {
                     tier,
                     start_ms: s as u64,
                     end_ms: e as u64,
+                    ms: (e - s).max(0) as u64,
                 })
             })
             .collect::<Result<_, StoreError>>()?;
@@ -894,7 +881,7 @@ mod tests {
     #[test]
     fn usage_intervals_are_written_once() {
         let (_d, mut s) = open();
-        let row = UsageRow {
+        let row = UsageRecord {
             call_id: CallId::parse("c_1").expect("valid"),
             user_id: uid("bob"),
             tier: "hd".into(),
@@ -911,7 +898,7 @@ mod tests {
         );
         assert_eq!(
             s.usage(0, 2000, None, None).expect("reads"),
-            vec![row.clone()]
+            vec![UsageRow::from(&row)]
         );
         assert!(
             s.usage(11_000, 20_000, None, None)

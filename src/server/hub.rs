@@ -152,6 +152,14 @@ impl Hub {
         }
     }
 
+    /// Sends an event serialized elsewhere to every live session of a user.
+    pub fn send_to_user(&self, user: &UserId, name: &'static str, data: Arc<str>) {
+        let sessions: Vec<SessionId> = self.core().sessions_of(user).to_vec();
+        for s in sessions {
+            self.send_to(s, Outbound::Raw(name, Arc::clone(&data)));
+        }
+    }
+
     /// Registers a new session: queues the `session` event first, then the core's replay.
     pub fn connect(
         self: &Arc<Self>,
