@@ -23,3 +23,4 @@ pub mod metrics;
 pub mod server;
 pub mod signaling;
 pub mod storage;
+pub mod webhooks;
