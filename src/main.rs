@@ -53,6 +53,72 @@ enum Command {
         #[arg(long)]
         admin: bool,
     },
+    /// Put a real load on a running server and report what was measured.
+    Loadtest(LoadtestArgs),
+    /// Billing reports from the usage ledger.
+    Billing {
+        #[command(subcommand)]
+        command: BillingCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BillingCommand {
+    /// Usage per (user, tier) and per (call, user, tier) over a period, with billable minutes. Reads the
+    /// database at [storage] path (safe while the server runs; segments still running on the server are
+    /// included up to their last checkpoint).
+    Report {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Start of the period: 2026-11-01 (UTC), 2026-11-01T12:00:00Z, or epoch ms. Default: the
+        /// start of this month.
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the period (exclusive). Default: now.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this call.
+        #[arg(long)]
+        call_id: Option<String>,
+        /// Only this user.
+        #[arg(long)]
+        user_id: Option<String>,
+        /// json or csv.
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// CSV table: per `call` (call, user, tier) or per `user` (user, tier).
+        #[arg(long, default_value = "call")]
+        group: String,
+    },
+}
+
+#[derive(Args)]
+struct LoadtestArgs {
+    /// What to load: `signaling` (invite → accept → end cycles, idle sessions).
+    #[arg(long, default_value = "signaling")]
+    scenario: String,
+    /// The server's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:7880")]
+    url: String,
+    /// The server's token secret (the load generator mints its own tokens). Defaults to the dev
+    /// secret, for a server started with --dev.
+    #[arg(long, env = "SWITCHBOARD_AUTH_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// How long to measure: 30s, 2m.
+    #[arg(long, default_value = "10s")]
+    duration: String,
+    /// Warm-up before measuring.
+    #[arg(long, default_value = "2s")]
+    warmup: String,
+    /// Signaling: caller/callee pairs cycling concurrently.
+    #[arg(long, default_value_t = 64)]
+    pairs: usize,
+    /// Signaling: idle sessions to hold open (server memory per session is reported).
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
@@ -154,6 +220,97 @@ fn token(
     Ok(())
 }
 
+async fn loadtest(args: LoadtestArgs) -> anyhow::Result<()> {
+    let duration = std::time::Duration::from_secs(
+        parse_ttl(&args.duration).map_err(|e| anyhow::anyhow!("--duration: {e}"))?,
+    );
+    let warmup = std::time::Duration::from_secs(
+        parse_ttl(&args.warmup).map_err(|e| anyhow::anyhow!("--warmup: {e}"))?,
+    );
+    let secret = args.secret.unwrap_or_else(|| DEV_SECRET.to_owned());
+    match args.scenario.as_str() {
+        "signaling" => {
+            let report = switchboard::loadtest::signaling::run(
+                switchboard::loadtest::signaling::SignalingLoad {
+                    url: args.url,
+                    secret,
+                    pairs: args.pairs,
+                    idle: args.idle,
+                    duration,
+                    warmup,
+                },
+            )
+            .await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(())
+        }
+        other => bail!("unknown --scenario {other:?}: use signaling"),
+    }
+}
+
+fn billing_report(
+    cfg: ConfigArgs,
+    from: Option<String>,
+    to: Option<String>,
+    call_id: Option<String>,
+    user_id: Option<String>,
+    format: &str,
+    group: &str,
+) -> anyhow::Result<()> {
+    use switchboard::billing::report::{ReportQuery, build, month_start, parse_time};
+    let config = Config::load(cfg.config.as_deref(), std::env::vars())
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let from = match from {
+        Some(f) => parse_time(&f).map_err(|e| anyhow::anyhow!("--from: {e}"))?,
+        None => month_start(now),
+    };
+    let to = match to {
+        Some(t) => parse_time(&t).map_err(|e| anyhow::anyhow!("--to: {e}"))?,
+        None => now,
+    };
+    if to <= from {
+        bail!("--to must be after --from");
+    }
+    let call_id = call_id
+        .map(|c| switchboard::ids::CallId::parse(&c))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--call-id {e}"))?;
+    let user_id = user_id
+        .map(|u| UserId::parse(&u))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--user-id {e}"))?;
+    let path = &config.storage.path;
+    if !path.exists() {
+        bail!("no database at {} (storage.path)", path.display());
+    }
+    let store = switchboard::storage::Store::open(path)?;
+    let rows = store.usage(from, to, call_id.as_ref(), user_id.as_ref())?;
+    let report = build(
+        &rows,
+        &ReportQuery {
+            from_ms: from,
+            to_ms: to,
+            call_id,
+            user_id,
+        },
+    );
+    match (format, group) {
+        ("json", _) => println!("{}", serde_json::to_string_pretty(&report)?),
+        ("csv", "call") => print!("{}", report.calls_csv()),
+        ("csv", "user") => print!("{}", report.users_csv()),
+        ("csv", g) => bail!("--group {g:?}: use call or user"),
+        (f, _) => bail!("--format {f:?}: use json or csv"),
+    }
+    Ok(())
+}
+
 fn raise_fd_limit() {
     // Every session is a socket; allow as many as the hard limit permits.
     let mut lim = libc::rlimit {
@@ -185,6 +342,23 @@ fn main() -> ExitCode {
             ttl,
             admin,
         } => token(cfg, user, name, ttl, admin),
+        Command::Billing {
+            command:
+                BillingCommand::Report {
+                    cfg,
+                    from,
+                    to,
+                    call_id,
+                    user_id,
+                    format,
+                    group,
+                },
+        } => billing_report(cfg, from, to, call_id, user_id, &format, &group),
+        Command::Loadtest(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(loadtest(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -213,12 +213,23 @@ impl TierMeter {
     /// Checkpoint: closes every running segment that has run at least the checkpoint interval and starts
     /// its continuation at `now_ms`, so a crash loses at most one interval of usage.
     pub fn tick(&mut self, now_ms: u64) -> Vec<UsageRecord> {
-        let now = self.advance(now_ms);
         let checkpoint = self.checkpoint_ms;
+        self.close_running(now_ms, checkpoint)
+    }
+
+    /// Closes every running segment at `now_ms` and starts the next one there, whatever its age, so
+    /// the ledger is complete up to now while metering goes on (a report asked for mid-call).
+    pub fn checkpoint_now(&mut self, now_ms: u64) -> Vec<UsageRecord> {
+        self.close_running(now_ms, 1)
+    }
+
+    /// Closes the running segments at least `min_age_ms` old and restarts them at now.
+    fn close_running(&mut self, now_ms: u64, min_age_ms: u64) -> Vec<UsageRecord> {
+        let now = self.advance(now_ms);
         let mut closed = Vec::new();
         let tiers = &self.tiers;
         for ((call_id, user_id), sub) in &mut self.subscribers {
-            if now.saturating_sub(sub.start_ms) >= checkpoint {
+            if now.saturating_sub(sub.start_ms) >= min_age_ms {
                 closed.push(UsageRecord {
                     call_id: call_id.clone(),
                     user_id: user_id.clone(),
@@ -280,6 +291,13 @@ impl TierMeter {
         self.subscribers
             .get(&(call_id.clone(), user_id.clone()))
             .map(|s| self.tier_name(s.tier))
+    }
+
+    /// The aggregate pixels a user receives now in a call, `None` when they receive nothing.
+    pub fn current_pixels(&self, call_id: &CallId, user_id: &UserId) -> Option<u64> {
+        self.subscribers
+            .get(&(call_id.clone(), user_id.clone()))
+            .map(Subscriber::aggregate_pixels)
     }
 
     /// How many (call, user) pairs are metered in each tier now, in configured tier order, zeros

@@ -211,6 +211,39 @@ impl UsageReport {
     }
 }
 
+/// Parses a report bound: a date (`2026-11-01`, midnight UTC), an RFC 3339 time
+/// (`2026-11-01T12:00:00Z`), or epoch milliseconds.
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        let t = d
+            .and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp_millis())
+            .ok_or_else(|| format!("{s:?} is not a valid date"))?;
+        return u64::try_from(t).map_err(|_| format!("{s:?} is before 1970"));
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return u64::try_from(t.timestamp_millis()).map_err(|_| format!("{s:?} is before 1970"));
+    }
+    Err(format!(
+        "{s:?} is not a date (2026-11-01), an RFC 3339 time (2026-11-01T12:00:00Z) or epoch milliseconds"
+    ))
+}
+
+/// The start of the current month (UTC) for `now_ms`: the default start of a report.
+pub fn month_start(now_ms: u64) -> u64 {
+    use chrono::Datelike;
+    let Some(now) = chrono::DateTime::from_timestamp_millis(now_ms as i64) else {
+        return 0;
+    };
+    chrono::NaiveDate::from_ymd_opt(now.year(), now.month(), 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map_or(0, |t| t.and_utc().timestamp_millis().max(0) as u64)
+}
+
 /// Appends one CSV record. A field with a comma, a double quote, CR or LF is enclosed in double quotes
 /// with its double quotes doubled (RFC 4180 2.6, 2.7); a field that starts with `=`, `+`, `-` or `@` is
 /// left as it is (IDs may start with `-`; spreadsheet formula escaping is the reader's business).
@@ -233,6 +266,23 @@ fn csv_line(out: &mut String, fields: &[&str]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_bounds_parse_dates_times_and_millis() {
+        assert_eq!(parse_time("2026-11-01"), Ok(1_793_491_200_000));
+        assert_eq!(parse_time("2026-11-01T00:00:01Z"), Ok(1_793_491_201_000));
+        assert_eq!(
+            parse_time("2026-11-01T01:00:00+01:00"),
+            Ok(1_793_491_200_000)
+        );
+        assert_eq!(parse_time("1793491200000"), Ok(1_793_491_200_000));
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("2026-13-01").is_err());
+        assert_eq!(
+            month_start(1_793_491_200_000 + 5 * 86_400_000),
+            1_793_491_200_000
+        );
+    }
 
     fn row(call: &str, user: &str, tier: &str, start: u64, end: u64) -> UsageRow {
         UsageRow {

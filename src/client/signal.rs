@@ -92,7 +92,7 @@ impl SignalClient {
         if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
             req.headers_mut().insert("authorization", v);
         }
-        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true).await?;
         let (mut sink, mut stream) = ws.split();
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();

@@ -152,6 +152,14 @@ impl Hub {
         }
     }
 
+    /// Sends an event serialized elsewhere to every live session of a user.
+    pub fn send_to_user(&self, user: &UserId, name: &'static str, data: Arc<str>) {
+        let sessions: Vec<SessionId> = self.core().sessions_of(user).to_vec();
+        for s in sessions {
+            self.send_to(s, Outbound::Raw(name, Arc::clone(&data)));
+        }
+    }
+
     /// Registers a new session: queues the `session` event first, then the core's replay.
     pub fn connect(
         self: &Arc<Self>,
@@ -391,9 +399,18 @@ impl Hub {
         } = out;
         let mut records = Vec::new();
         let mut rest = Vec::new();
+        let mut events = Vec::new();
+        let webhooks = !self.config.webhooks.urls.is_empty();
         for e in effects {
             match e {
                 Effect::Persist(r) => records.push(r),
+                Effect::Notice(n) => {
+                    // Webhook events are queued in the same transaction as the change they report.
+                    if webhooks {
+                        events.extend(crate::webhooks::from_notice(now, &n));
+                    }
+                    rest.push(Effect::Notice(n));
+                }
                 other => rest.push(other),
             }
         }
@@ -415,7 +432,7 @@ impl Hub {
         });
         if self
             .store
-            .submit(Job::Calls(records, Some(continuation)))
+            .submit(Job::Calls(records, events, Some(continuation)))
             .is_err()
         {
             tracing::error!("storage is closed; an op's results were dropped");

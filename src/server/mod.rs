@@ -7,6 +7,7 @@
 //! 1001, the timer stops, queued storage work is committed and the WAL checkpointed before `serve`
 //! returns.
 
+pub mod billing;
 pub mod http;
 pub mod hub;
 pub mod session;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -72,6 +74,8 @@ pub enum ServerError {
 pub struct AppState {
     /// The signaling shell.
     pub hub: Arc<Hub>,
+    /// The billing task.
+    pub biller: billing::Biller,
     /// Verifies and issues tokens.
     pub tokens: Arc<TokenAuthority>,
     /// `--dev`: dev tokens are served.
@@ -105,6 +109,7 @@ pub struct Server {
     state: AppState,
     shutdown_tx: watch::Sender<bool>,
     store_thread: Option<std::thread::JoinHandle<()>>,
+    biller_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
@@ -125,8 +130,12 @@ impl Server {
         }
         let (shutdown_tx, shutdown) = watch::channel(false);
         let tokens = Arc::new(TokenAuthority::new(&config.auth.secret));
+        let (biller, biller_task) =
+            billing::Biller::spawn(Arc::clone(&hub), &config.billing, shutdown.clone());
+        hub.add_notice_sink(Arc::new(biller.clone()));
         let state = AppState {
             hub,
+            biller,
             tokens,
             dev: opts.dev,
             metrics,
@@ -138,6 +147,7 @@ impl Server {
             state,
             shutdown_tx,
             store_thread: Some(store_thread),
+            biller_task: Some(biller_task),
         })
     }
 
@@ -174,6 +184,10 @@ impl Server {
             }
             let _ = tx.send(true);
         };
+        // Signaling frames are small and latency-bound: no Nagle delay.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let result = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -187,6 +201,9 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = timers.await;
+        if let Some(b) = self.biller_task.take() {
+            let _ = b.await;
+        }
         hub.flush().await;
         let _ = hub.store().submit(crate::storage::Job::Stop);
         if let Some(t) = self.store_thread.take() {
@@ -212,6 +229,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/calls", get(http::list_calls))
         .route("/v1/calls/{call_id}", get(http::get_call))
         .route("/v1/calls/{call_id}/end", post(http::end_call))
+        .route("/v1/billing/usage", get(http::billing_usage))
         .merge(web::routes())
         .fallback(http::not_found)
         .with_state(state)

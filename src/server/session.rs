@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::SinkExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant as TokioInstant, sleep_until};
 
@@ -93,18 +94,17 @@ pub async fn run(
             biased;
             out = rx.recv() => {
                 let Some(out) = out else { break "closed" };
-                if !write(&mut socket, out, &mut seq).await {
-                    break "write_failed";
-                }
-                // Drain what else is queued without waiting.
+                // Queue this and whatever else is waiting, then flush once: one write for a burst.
+                let mut next = Some(out);
                 let mut ok = true;
-                while let Ok(more) = rx.try_recv() {
-                    if !write(&mut socket, more, &mut seq).await {
+                while let Some(item) = next.take() {
+                    if !feed(&mut socket, item, &mut seq).await {
                         ok = false;
                         break;
                     }
+                    next = rx.try_recv().ok();
                 }
-                if !ok {
+                if !ok || socket.flush().await.is_err() {
                     break "write_failed";
                 }
             }
@@ -210,8 +210,8 @@ async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
         .await;
 }
 
-/// Writes one outbound item; false when the socket is done.
-async fn write(socket: &mut WebSocket, out: Outbound, seq: &mut u64) -> bool {
+/// Queues one outbound item on the socket (flushed by the caller); false when the socket is done.
+async fn feed(socket: &mut WebSocket, out: Outbound, seq: &mut u64) -> bool {
     let text = match out {
         Outbound::Event(ev) => {
             *seq += 1;
@@ -227,7 +227,7 @@ async fn write(socket: &mut WebSocket, out: Outbound, seq: &mut u64) -> bool {
             return false;
         }
     };
-    socket.send(Message::Text(text.into())).await.is_ok()
+    socket.feed(Message::Text(text.into())).await.is_ok()
 }
 
 /// `{"event":…,"seq":n,"data":…}` for a signaling event.

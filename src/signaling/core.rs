@@ -370,6 +370,11 @@ impl Signaling {
         self.users.get(user).and_then(|p| p.name.as_deref())
     }
 
+    /// The user's live sessions.
+    pub fn sessions_of(&self, user: &UserId) -> &[SessionId] {
+        self.users.get(user).map_or(&[], |p| p.sessions.as_slice())
+    }
+
     /// Number of users with a live session.
     pub fn users_online(&self) -> usize {
         self.users

@@ -570,3 +570,24 @@ proptest! {
         prop_assert_eq!(tier_ms, model_tiers);
     }
 }
+
+#[test]
+fn checkpoint_now_closes_running_segments_and_keeps_metering() {
+    let mut m = meter();
+    assert!(
+        m.apply(ev(1_000, "bob", "t1", Forwarding::Video(HD)))
+            .is_empty()
+    );
+    assert_eq!(
+        rows(&m.checkpoint_now(4_000)),
+        vec![row("bob", "hd", 1_000, 4_000)]
+    );
+    // Nothing to close twice at the same instant, and metering goes on.
+    assert!(m.checkpoint_now(4_000).is_empty());
+    assert_eq!(m.current_tier(&call("c1"), &user("bob")), Some("hd"));
+    assert_eq!(m.current_pixels(&call("c1"), &user("bob")), Some(921_600));
+    assert_eq!(
+        rows(&m.apply(ev(6_500, "bob", "t1", Forwarding::Stopped))),
+        vec![row("bob", "hd", 4_000, 6_500)]
+    );
+}
