@@ -715,7 +715,7 @@ async function offerRejoin(callId) {
   const others = (info?.users ?? []).filter((u) => u.user_id !== app.me.id && (u.state === 'accepted' || RINGING.has(u.state)));
   await learnNames(others.map((u) => u.user_id));
   $('rejoin-text').textContent = others.length
-    ? `Your call with ${joinNames(others.map((u) => nameOf(u.user_id)))} is still going.`
+    ? `Your call with ${joinNames(others.map((u) => nameOf(u.user_id)))} is in progress.`
     : 'You have a call in progress.';
   $('rejoin-banner').hidden = false;
   $('rejoin-button').onclick = async () => {
@@ -883,8 +883,9 @@ async function joinMedia(c) {
       video: c.type === 'video' && hasVideo,
       localStream: c.stream,
       videoConstraints: videoConstraints(),
-      on: roomHandlers(c),
+      on: (c.handlers = roomHandlers(c)),
     });
+    if (c.room.billingTier) c.handlers.billing_tier(c.room.billingTier);
   } catch (e) {
     if (app.call !== c || c.ending) return;
     if (e.code === 'invalid_state' || e.code === 'call_not_found') {
@@ -960,6 +961,10 @@ function roomHandlers(c) {
     billing_tier: (d) => {
       if (!live()) return;
       const badge = $('tier-badge');
+      if (!d.tier) {
+        badge.hidden = true;
+        return;
+      }
       const label = TIER_LABELS[d.tier] ?? String(d.tier).toUpperCase();
       badge.textContent = label;
       badge.dataset.tier = d.tier;

@@ -116,6 +116,18 @@ export class TestServer {
     return { status: r.status, body };
   }
 
+  /** Stops the server and starts it again on the same port and database (a restart, as in production). */
+  async restart() {
+    this.proc.kill('SIGTERM');
+    await this.exited;
+    const log = createWriteStream(this.logPath, { flags: 'a' });
+    this.proc = spawn(this.bin, ['serve', '--dev'], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    this.proc.stdout.pipe(log);
+    this.proc.stderr.pipe(log);
+    this.exited = new Promise((resolve) => this.proc.on('exit', (code, signal) => resolve({ code, signal })));
+    await waitUntil(async () => (await fetch(`${this.url}/healthz`)).ok, { timeout: 30_000, what: 'the restarted server' });
+  }
+
   async stop() {
     if (this.proc && this.proc.exitCode == null) {
       this.proc.kill('SIGTERM');
@@ -132,9 +144,11 @@ export const PHONE = { width: 390, height: 844 };
 
 /** One person in one fresh browser context (its own cookies, storage and permissions). */
 export class User {
-  constructor(t, { id, name, viewport = DESKTOP, query = '' }) {
+  constructor(t, { id, name, viewport = DESKTOP, query = '', device }) {
     this.t = t;
     this.id = id;
+    /** Names the page in screenshots and logs: the user ID, or `<id>-<device>` for a second device. */
+    this.label = device ? `${id}-${device}` : id;
     this.name = name;
     this.viewport = viewport;
     this.query = query;

@@ -94,7 +94,7 @@ async function runOne(s, { server, browser }) {
     },
     async shot(user, label) {
       n += 1;
-      const file = join(dir, `${String(n).padStart(2, '0')}-${user.id}-${label}.png`);
+      const file = join(dir, `${String(n).padStart(2, '0')}-${user.label}-${label}.png`);
       await user.page.screenshot({ path: file, animations: 'disabled' });
     },
     log: (msg) => console.log(`    ${msg}`),
@@ -106,15 +106,15 @@ async function runOne(s, { server, browser }) {
     await withTimeout(s.run(t), SCENARIO_TIMEOUT_MS, s.name);
     const crashed = users.filter((u) => u.errors.length);
     if (crashed.length) {
-      throw new Error(`uncaught errors in the page of ${crashed.map((u) => `${u.id}: ${u.errors[0].message}`).join('; ')}`);
+      throw new Error(`uncaught errors in the page of ${crashed.map((u) => `${u.label}: ${u.errors[0].message}`).join('; ')}`);
     }
   } catch (e) {
     ok = false;
     console.log(`  ✗ ${e.message}`);
     for (const u of users) {
-      await u.page?.screenshot({ path: join(dir, `failure-${u.id}.png`) }).catch(() => {});
+      await u.page?.screenshot({ path: join(dir, `failure-${u.label}.png`) }).catch(() => {});
       const tail = u.logs.slice(-25);
-      if (tail.length) console.log(`    console of ${u.id}:\n${tail.map((l) => `      ${l}`).join('\n')}`);
+      if (tail.length) console.log(`    console of ${u.label}:\n${tail.map((l) => `      ${l}`).join('\n')}`);
     }
   } finally {
     for (const u of users) await u.close();

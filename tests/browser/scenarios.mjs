@@ -263,4 +263,129 @@ export const scenarios = [
       await olga.view('home');
     },
   },
+  {
+    name: 'errors',
+    title: 'Every protocol error code reaches the SDK as a code and a readable sentence; the forms explain bad input',
+    async run(t) {
+      const quinn = await t.user({ id: 'quinn', name: 'Quinn Adler' });
+      // The forms: a bad user ID, calling yourself, a bad callee ID.
+      await quinn.page.getByLabel('User ID', { exact: true }).fill('not valid!');
+      await quinn.page.getByRole('button', { name: 'Sign in' }).click();
+      const e1 = await text(quinn, '#signin-error');
+      assert(/letters, digits/.test(e1), `sign-in error reads “${e1}”`);
+      await quinn.shot('bad-user-id');
+      await quinn.signIn();
+      await quinn.call('quinn', 'video');
+      const e2 = await text(quinn, '#call-error');
+      assert(/cannot call yourself/.test(e2), `self-call error reads “${e2}”`);
+      await quinn.call('bob smith!', 'video');
+      const e3 = await text(quinn, '#call-error');
+      assert(/Not a valid user ID: smith!/.test(e3), `bad-ID error reads “${e3}”`);
+      await quinn.shot('bad-callee');
+
+      // The SDK, driven directly in the page, with two more users.
+      const r = await quinn.page.evaluate(async () => {
+        const { Switchboard, describeError } = await import('/sdk/switchboard.js');
+        const tokenFor = async (id) => (await (await fetch('/v1/dev/token', {
+          method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user_id: id }),
+        })).json()).token;
+        const a = new Switchboard({ token: await tokenFor('rosa'), reconnect: false });
+        const b = new Switchboard({ token: await tokenFor('sven'), reconnect: false });
+        await a.connect();
+        await b.connect();
+        const code = (p) => p.then(() => 'ok', (e) => `${e.code}${e.message && e.code !== 'ok' ? '' : ' (no message)'}`);
+        const got = {};
+        got.bad_request = await code(a.request('fly_to_the_moon'));
+        got.call_not_found = await code(a.callAccept('c_no_such_call'));
+        const { call_id } = await a.callInvite(['sven'], { extendedData: '{"type":"voice"}' });
+        got.not_invitee = await code(a.callAccept(call_id));
+        got.not_inviter = await code(b.callCancel(call_id));
+        got.mode_not_supported = await code(a.callQuit(call_id));
+        got.busy = await code(a.callInvite(['zed']));
+        const busy = await a.callInvite(['zed']).catch((e) => e);
+        got.busy_details = busy.details?.call_id === call_id;
+        got.too_many_users = await code(b.callInvite(['u1', 'u2', 'u3', 'u4', 'u5', 'u6', 'u7', 'u8', 'u9', 'u10']));
+        await b.callReject(call_id);
+        got.invalid_state = await code(b.callAccept(call_id));
+        const flood = await Promise.all(Array.from({ length: 160 }, () => code(b.ping())));
+        got.rate_limited = flood.includes('rate_limited') ? 'rate_limited' : `no rate limit in ${flood.length} pings`;
+        got.unauthorized = await code(new Switchboard({ token: 'not.a.token', reconnect: false }).connect());
+        const texts = {};
+        for (const c of ['bad_request', 'unauthorized', 'call_not_found', 'not_invitee', 'not_inviter', 'invalid_state',
+          'mode_not_supported', 'busy', 'too_many_users', 'rate_limited', 'internal']) texts[c] = describeError(c);
+        a.close();
+        b.close();
+        return { got, texts };
+      });
+      for (const [want, have] of Object.entries(r.got)) {
+        if (want === 'busy_details') assert(have === true, 'busy error lacks details.call_id');
+        else assert(have === want, `expected ${want}, got ${have}`);
+      }
+      for (const [c, sentence] of Object.entries(r.texts)) {
+        assert(sentence && !/Something went wrong/.test(sentence) && /[.!]$/.test(sentence), `no readable text for ${c}: “${sentence}”`);
+      }
+      t.log(`codes seen: ${Object.keys(r.got).filter((k) => k !== 'busy_details').join(', ')}`);
+    },
+  },
+
+  {
+    name: 'multi-device',
+    title: 'Tom answers on his laptop: the invitation on his phone stops ringing',
+    async run(t) {
+      const sara = await t.user({ id: 'sara', name: 'Sara Lind' });
+      const laptop = await t.user({ id: 'tom', name: 'Tom Hale', device: 'laptop' });
+      const phone = await t.user({ id: 'tom', name: 'Tom Hale', device: 'phone', viewport: PHONE });
+      await sara.signIn();
+      await laptop.signIn();
+      await phone.signIn();
+      await sara.call('tom', 'voice');
+      await laptop.incoming();
+      await phone.incoming();
+      await phone.shot('ringing');
+      await click(laptop, /^Accept/);
+      await dialogClosed(phone, { timeout: 4000 });
+      await phone.page.locator('.toast', { hasText: 'Answered on another device' }).waitFor({ timeout: 3000 });
+      await laptop.view('call');
+      await sara.view('call');
+      await phone.page.locator('#rejoin-banner').waitFor({ state: 'visible', timeout: 5000 });
+      const banner = await text(phone, '#rejoin-text');
+      assert(/Sara Lind/.test(banner), `the phone's banner reads “${banner}”`);
+      await phone.shot('answered-elsewhere');
+      await click(sara, 'Hang up');
+      await sara.view('home');
+    },
+  },
+
+  {
+    name: 'reconnect',
+    title: 'The server restarts while a call rings: both pages reconnect, the invitation shows once, and the call goes on',
+    async run(t) {
+      const uma = await t.user({ id: 'uma', name: 'Uma Rossi' });
+      const vic = await t.user({ id: 'vic', name: 'Vic Moreau' });
+      await uma.signIn();
+      await vic.signIn();
+      await uma.call('vic', 'voice');
+      await vic.incoming();
+      await uma.view('waiting');
+      const restart = t.server.restart();
+      await vic.page.locator('#connection-banner').waitFor({ state: 'visible', timeout: 5000 });
+      await vic.shot('reconnecting');
+      await restart;
+      for (const u of [uma, vic]) {
+        await waitUntil(() => u.page.evaluate(() => window.switchboardApp.sb.state === 'open'), { timeout: 20_000, what: `${u.id} to reconnect` });
+        await u.page.locator('#connection-banner').waitFor({ state: 'hidden', timeout: 5000 });
+      }
+      await sleep(500);
+      const queued = await vic.page.evaluate(() => window.switchboardApp.incoming.length);
+      assert(queued === 1, `Vic has ${queued} invitations after the replay, expected 1`);
+      await vic.incoming();
+      await uma.view('waiting');
+      await click(vic, /^Accept/);
+      await uma.view('call');
+      await vic.view('call');
+      await vic.shot('in-call-after-restart');
+      await click(uma, 'Hang up');
+      await uma.view('home');
+    },
+  },
 ];

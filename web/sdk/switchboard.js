@@ -350,6 +350,9 @@ export class Switchboard extends Emitter {
     this.#stopHeartbeat();
     this.#failPending('disconnected');
     if (this.#state === 'closed') return;
+    // 4001: this user joined a room from another session, which took the call over. The call moved;
+    // this device stays signed in, so close its rooms and reconnect without rejoining them.
+    if (code === 4001) for (const room of [...this.#rooms.values()]) room._teardown('replaced');
     for (const room of this.#rooms.values()) room._socketLost();
     // A socket that never opened may have been refused before the upgrade: ask over plain HTTP,
     // which answers 401 with the reason when the token is bad.
@@ -371,8 +374,7 @@ export class Switchboard extends Emitter {
     if (!this.#everConnected) {
       return giveUp(new SwitchboardError('disconnected', `Cannot reach the server (${code}).`));
     }
-    // 4001: another session of this user took over; reconnecting would take it back.
-    if (code === 4001 || !this.#opts.reconnect) {
+    if (!this.#opts.reconnect) {
       return giveUp(new SwitchboardError('closed', reason || ERROR_TEXT.closed));
     }
     const delay = this.#backoff();
@@ -479,6 +481,7 @@ export class Switchboard extends Emitter {
       return;
     }
     if (MEDIA_EVENTS.has(name)) {
+      if (name === 'billing_tier') this.#tiers.set(data.call_id, data);
       this.#rooms.get(data.call_id)?._onEvent(name, data);
       this.emit(name, data);
       return;
@@ -517,6 +520,12 @@ export class Switchboard extends Emitter {
 
   #replayed = new Set();
   #replaying = false;
+  #tiers = new Map();
+
+  /** The latest `billing_tier` data the server sent for a call (null before the first). */
+  billingTier(callId) {
+    return this.#tiers.get(callId) ?? null;
+  }
 
   // Remembers what was reported per call; returns the data to emit, or null for a duplicate.
   #track(name, d) {
@@ -761,8 +770,9 @@ export class Room extends Emitter {
     this.participants = new Map();
     /** Measured resolutions: track ID → Map(rid → `{width, height}`). */
     this.resolutions = new Map();
-    /** The latest `billing_tier` data for this user in this room, or null. */
-    this.billingTier = null;
+    /** The latest `billing_tier` data for this user in this room, or null (`tier` is null while
+     * nothing is received). */
+    this.billingTier = client.billingTier(callId);
     /** The latest active speakers, loudest first. */
     this.activeSpeakers = [];
     this.microphoneEnabled = true;
