@@ -201,8 +201,9 @@ function signOut(message) {
   if (app.call) teardownCall();
   if (app.outgoing) clearOutgoing();
   for (const inv of [...app.incoming]) closeIncoming(inv.call_id);
-  app.sb?.close();
+  const sb = app.sb;
   app.sb = null;
+  sb?.close();
   app.me = null;
   sessionStorage.removeItem(TOKEN_KEY);
   $('signin-token').value = '';
@@ -1093,7 +1094,12 @@ async function toggleCamera() {
   btn.disabled = true;
   try {
     await c.room.setCameraEnabled(!c.room.cameraEnabled);
-    c.tiles.get(app.me.id)?.setStream(c.room.localStream);
+    const local = c.tiles.get(app.me.id);
+    if (local) {
+      // Same stream, new track: re-attach so the element picks the new camera track up.
+      local.video.srcObject = null;
+      local.setStream(c.room.localStream);
+    }
   } catch (e) {
     toast(`The camera could not be turned on: ${e.message}`, { kind: 'error' });
   } finally {

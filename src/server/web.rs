@@ -151,6 +151,53 @@ mod tests {
         assert_eq!(etags().len(), ASSETS.len());
     }
 
+    async fn get(path: &str, if_none_match: Option<&str>) -> Response {
+        let mut headers = HeaderMap::new();
+        if let Some(tag) = if_none_match {
+            headers.insert(
+                header::IF_NONE_MATCH,
+                HeaderValue::from_str(tag).expect("ascii"),
+            );
+        }
+        serve_asset(
+            Uri::from_maybe_shared(path.to_owned()).expect("uri"),
+            headers,
+        )
+        .await
+    }
+
+    fn header_of<'a>(r: &'a Response, name: header::HeaderName) -> &'a str {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    #[tokio::test]
+    async fn assets_have_their_content_type_and_revalidate_with_etags() {
+        for (path, ty) in [
+            ("/", HTML),
+            ("/app.js", JS),
+            ("/sdk/switchboard.js", JS),
+            ("/style.css", CSS),
+            ("/favicon.svg", SVG),
+        ] {
+            let r = get(path, None).await;
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+            assert_eq!(header_of(&r, header::CONTENT_TYPE), ty, "{path}");
+            assert_eq!(header_of(&r, header::CACHE_CONTROL), "no-cache");
+            let etag = header_of(&r, header::ETAG).to_owned();
+            assert!(etag.starts_with('"') && etag.len() > 10, "{path}: {etag}");
+            let again = get(path, Some(&format!("W/\"x\", {etag}"))).await;
+            assert_eq!(again.status(), StatusCode::NOT_MODIFIED, "{path}");
+            let stale = get(path, Some("\"stale\"")).await;
+            assert_eq!(stale.status(), StatusCode::OK, "{path}");
+        }
+        let page = get("/", None).await;
+        assert!(header_of(&page, header::CONTENT_SECURITY_POLICY).contains("default-src 'self'"));
+        assert_eq!(get("/nope.js", None).await.status(), StatusCode::NOT_FOUND);
+    }
+
     #[test]
     fn the_page_loads_the_app_and_the_sdk_from_this_origin() {
         let page = std::str::from_utf8(ASSETS[0].body).expect("utf-8");

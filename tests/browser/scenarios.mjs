@@ -329,6 +329,39 @@ export const scenarios = [
   },
 
   {
+    name: 'sdk-units',
+    title: 'The SDK’s pure parts, in the browser: msid mapping and simulcast layers',
+    async run(t) {
+      const u = await t.user({ id: 'wes', name: 'Wes' });
+      const r = await u.page.evaluate(async () => {
+        const { parseMsids, simulcastEncodings } = await import('/sdk/switchboard.js');
+        const sdp = [
+          'v=0', 'o=- 1 2 IN IP4 127.0.0.1', 's=-', 't=0 0', 'a=group:BUNDLE 0 1 2',
+          'm=audio 9 UDP/TLS/RTP/SAVPF 111', 'a=mid:0', 'a=sendonly', 'a=msid:alice tr_a1',
+          'm=video 9 UDP/TLS/RTP/SAVPF 96', 'a=mid:1', 'a=msid:alice tr_v1', 'a=sendonly',
+          'm=video 0 UDP/TLS/RTP/SAVPF 96', 'a=mid:2', 'a=inactive', 'a=msid:carol tr_v9',
+          'm=video 9 UDP/TLS/RTP/SAVPF 96', 'a=mid:3', 'a=sendonly', 'a=ssrc:42 msid:bob tr_v2',
+        ].join('\r\n');
+        const m = parseMsids(sdp);
+        return {
+          m: [...m.values()],
+          s720: simulcastEncodings(720),
+          s360: simulcastEncodings(360),
+          s180: simulcastEncodings(180),
+        };
+      });
+      const byMid = Object.fromEntries(r.m.map((x) => [x.mid, x]));
+      assert(byMid['0'].userId === 'alice' && byMid['0'].trackId === 'tr_a1' && byMid['0'].kind === 'audio', 'mid 0');
+      assert(byMid['1'].userId === 'alice' && byMid['1'].trackId === 'tr_v1' && byMid['1'].direction === 'sendonly', 'mid 1 (msid before direction)');
+      assert(byMid['2'].direction === 'inactive', 'a rejected m-section is inactive');
+      assert(byMid['3'].userId === 'bob' && byMid['3'].trackId === 'tr_v2', 'ssrc-level msid');
+      assert(JSON.stringify(r.s720.map((e) => [e.rid, e.scaleResolutionDownBy])) === '[["q",4],["h",2],["f",1]]', 'three layers at 720p');
+      assert(JSON.stringify(r.s360.map((e) => e.rid)) === '["h","f"]', 'two layers at 360p');
+      assert(r.s180 === null, 'one layer below 270p');
+    },
+  },
+
+  {
     name: 'multi-device',
     title: 'Tom answers on his laptop: the invitation on his phone stops ringing',
     async run(t) {

@@ -853,10 +853,15 @@ export class Room extends Emitter {
     this.#newSubscriber();
     const joined = await this.#client.request('rtc_join', { call_id: this.callId });
     if (this.#closed) return;
+    const present = new Set();
     for (const p of joined.participants ?? []) {
-      this.#addParticipant(p.user_id, true);
-      for (const t of p.tracks ?? []) this.participants.get(p.user_id).tracks.set(t.track_id, t);
+      present.add(p.user_id);
+      const known = this.#addParticipant(p.user_id, true);
+      known.tracks.clear();
+      for (const t of p.tracks ?? []) known.tracks.set(t.track_id, t);
     }
+    // After a rejoin: whoever left while we were away.
+    for (const uid of [...this.participants.keys()]) if (!present.has(uid)) this.#removeParticipant(uid);
     await this.#publish();
   }
 
@@ -873,8 +878,9 @@ export class Room extends Emitter {
   #restart(why) {
     if (this.#closed || this.#restarting) return this.#restarting;
     this.#restarting = (async () => {
+      // Participants stay (the rejoin reconciles them); their tracks end with the old connection.
+      for (const mid of [...this.#bound.keys()]) this.#unbind(mid);
       this.#closePcs();
-      for (const uid of [...this.participants.keys()]) this.#removeParticipant(uid);
       try {
         await this.#connect();
       } catch (e) {
