@@ -237,7 +237,6 @@ fn media_engine() -> Result<MediaEngine, ClientError> {
         RTCRtpCodecParameters {
             rtp_codec: vp8_codec(),
             payload_type: VP8_PT,
-            ..Default::default()
         },
         RtpCodecKind::Video,
     )?;
@@ -251,7 +250,6 @@ fn media_engine() -> Result<MediaEngine, ClientError> {
                 rtcp_feedback: vec![],
             },
             payload_type: RTX_PT,
-            ..Default::default()
         },
         RtpCodecKind::Video,
     )?;
@@ -259,7 +257,6 @@ fn media_engine() -> Result<MediaEngine, ClientError> {
         RTCRtpCodecParameters {
             rtp_codec: opus_codec(),
             payload_type: OPUS_PT,
-            ..Default::default()
         },
         RtpCodecKind::Audio,
     )?;
@@ -374,7 +371,11 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher bound to `ip` with these tracks (`stream_id` becomes each track's msid
     /// stream; the server ignores it and assigns its own IDs).
-    pub async fn new(ip: IpAddr, stream_id: &str, specs: &[TrackSpec]) -> Result<Self, ClientError> {
+    pub async fn new(
+        ip: IpAddr,
+        stream_id: &str,
+        specs: &[TrackSpec],
+    ) -> Result<Self, ClientError> {
         let keyframes = Arc::new(Mutex::new(HashMap::new()));
         let pc = build_pc(ip, None, Some(keyframes.clone())).await?;
         let mut tracks = Vec::new();
@@ -477,7 +478,12 @@ impl Publisher {
     }
 
     async fn ext_ids(&self, track: usize) -> Result<HashMap<String, u8>, ClientError> {
-        if let Some(ids) = self.ext_ids.lock().ok().and_then(|m| m.get(&track).cloned()) {
+        if let Some(ids) = self
+            .ext_ids
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&track).cloned())
+        {
             return Ok(ids);
         }
         let t = self

@@ -174,7 +174,10 @@ mod tests {
     fn video_starts_only_on_a_keyframe_of_the_target() {
         let mut f = Forwarder::new(MediaKind::Video, Some(1));
         assert!(f.needs_keyframe());
-        assert_eq!(f.decide(p(1, false)), Decision::Drop(DropReason::WaitingForKeyframe));
+        assert_eq!(
+            f.decide(p(1, false)),
+            Decision::Drop(DropReason::WaitingForKeyframe)
+        );
         assert_eq!(f.decide(p(0, true)), Decision::Drop(DropReason::OtherLayer));
         assert_eq!(f.decide(p(1, true)), SWITCH);
         assert!(!f.needs_keyframe());
@@ -189,7 +192,10 @@ mod tests {
         assert_eq!(f.decide(p(0, true)), SWITCH);
         assert!(f.set_target(Some(2)), "a switch needs a keyframe");
         assert_eq!(f.decide(p(0, false)), FWD, "old layer still flows");
-        assert_eq!(f.decide(p(2, false)), Decision::Drop(DropReason::WaitingForKeyframe));
+        assert_eq!(
+            f.decide(p(2, false)),
+            Decision::Drop(DropReason::WaitingForKeyframe)
+        );
         assert_eq!(f.decide(p(2, true)), SWITCH);
         assert_eq!(f.decide(p(0, true)), Decision::Drop(DropReason::OtherLayer));
         assert_eq!(f.decide(p(2, false)), FWD);
@@ -208,7 +214,10 @@ mod tests {
         assert!(!f.needs_keyframe(), "a paused consumer asks for nothing");
         f.set_paused(false);
         assert!(f.needs_keyframe());
-        assert_eq!(f.decide(p(0, false)), Decision::Drop(DropReason::WaitingForKeyframe));
+        assert_eq!(
+            f.decide(p(0, false)),
+            Decision::Drop(DropReason::WaitingForKeyframe)
+        );
         assert_eq!(f.decide(p(0, true)), SWITCH);
     }
 

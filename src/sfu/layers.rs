@@ -94,8 +94,7 @@ impl LayerSelector {
             active
                 .iter()
                 .copied()
-                .filter(|&i| cap.fits(&layer(i)))
-                .next_back()
+                .rfind(|&i| cap.fits(&layer(i)))
                 .unwrap_or(lowest)
         } else {
             *active.last().unwrap_or(&lowest)
@@ -113,8 +112,7 @@ impl LayerSelector {
         let bw_best = allowed
             .iter()
             .copied()
-            .filter(|&i| fits_bw(i, 1.0))
-            .next_back()
+            .rfind(|&i| fits_bw(i, 1.0))
             .unwrap_or(lowest);
 
         // 4. Hysteresis on bandwidth-driven upgrades.
@@ -123,8 +121,7 @@ impl LayerSelector {
                 let up = allowed
                     .iter()
                     .copied()
-                    .filter(|&i| i > cur && fits_bw(i, UPGRADE_HEADROOM))
-                    .next_back();
+                    .rfind(|&i| i > cur && fits_bw(i, UPGRADE_HEADROOM));
                 match up {
                     Some(up) => match self.upgrade_since {
                         Some((cand, since)) if cand == up => {
@@ -189,12 +186,20 @@ mod tests {
         assert_eq!(s.select(&three(), None, NO_CAP, t), Some(2));
         assert_eq!(s.select(&three(), None, cap(640, 360), t), Some(1));
         assert_eq!(s.select(&three(), None, cap(639, 1000), t), Some(0));
-        assert_eq!(s.select(&three(), None, cap(100, 100), t), Some(0), "nothing fits: lowest");
+        assert_eq!(
+            s.select(&three(), None, cap(100, 100), t),
+            Some(0),
+            "nothing fits: lowest"
+        );
         let only_w = Cap {
             max_width: Some(1280),
             max_height: None,
         };
-        assert_eq!(s.select(&three(), None, only_w, t), Some(2), "cap raise applies at once");
+        assert_eq!(
+            s.select(&three(), None, only_w, t),
+            Some(2),
+            "cap raise applies at once"
+        );
     }
 
     #[test]
@@ -210,7 +215,11 @@ mod tests {
         };
         assert_eq!(s.select(&layers, None, cap, t), Some(0));
         layers[0].active = false;
-        assert_eq!(s.select(&layers, None, cap, t), Some(1), "lowest active when nothing fits");
+        assert_eq!(
+            s.select(&layers, None, cap, t),
+            Some(1),
+            "lowest active when nothing fits"
+        );
         for x in &mut layers {
             x.active = false;
         }
@@ -223,17 +232,40 @@ mod tests {
         let ms = |n| t0 + Duration::from_millis(n);
         let mut s = LayerSelector::default();
         assert_eq!(s.select(&three(), Some(3_000_000), NO_CAP, ms(0)), Some(2));
-        assert_eq!(s.select(&three(), Some(600_000), NO_CAP, ms(100)), Some(1), "down at once");
-        assert_eq!(s.select(&three(), Some(100_000), NO_CAP, ms(200)), Some(0), "nothing fits");
+        assert_eq!(
+            s.select(&three(), Some(600_000), NO_CAP, ms(100)),
+            Some(1),
+            "down at once"
+        );
+        assert_eq!(
+            s.select(&three(), Some(100_000), NO_CAP, ms(200)),
+            Some(0),
+            "nothing fits"
+        );
         // Enough for layer 2 with headroom, but it must last UPGRADE_HOLD.
-        assert_eq!(s.select(&three(), Some(2_000_000), NO_CAP, ms(300)), Some(0));
-        assert_eq!(s.select(&three(), Some(2_000_000), NO_CAP, ms(1_500)), Some(0));
-        assert_eq!(s.select(&three(), Some(2_000_000), NO_CAP, ms(2_300)), Some(2));
+        assert_eq!(
+            s.select(&three(), Some(2_000_000), NO_CAP, ms(300)),
+            Some(0)
+        );
+        assert_eq!(
+            s.select(&three(), Some(2_000_000), NO_CAP, ms(1_500)),
+            Some(0)
+        );
+        assert_eq!(
+            s.select(&three(), Some(2_000_000), NO_CAP, ms(2_300)),
+            Some(2)
+        );
         // Fits without headroom only: no upgrade ever.
         let mut s = LayerSelector::default();
         assert_eq!(s.select(&three(), Some(160_000), NO_CAP, ms(0)), Some(0));
-        assert_eq!(s.select(&three(), Some(550_000), NO_CAP, ms(5_000)), Some(0));
-        assert_eq!(s.select(&three(), Some(550_000), NO_CAP, ms(9_000)), Some(0));
+        assert_eq!(
+            s.select(&three(), Some(550_000), NO_CAP, ms(5_000)),
+            Some(0)
+        );
+        assert_eq!(
+            s.select(&three(), Some(550_000), NO_CAP, ms(9_000)),
+            Some(0)
+        );
     }
 
     #[test]
@@ -243,9 +275,21 @@ mod tests {
         let mut s = LayerSelector::default();
         s.select(&three(), Some(200_000), NO_CAP, ms(0));
         assert_eq!(s.select(&three(), Some(700_000), NO_CAP, ms(100)), Some(0));
-        assert_eq!(s.select(&three(), Some(200_000), NO_CAP, ms(1_000)), Some(0));
-        assert_eq!(s.select(&three(), Some(700_000), NO_CAP, ms(1_500)), Some(0));
-        assert_eq!(s.select(&three(), Some(700_000), NO_CAP, ms(2_200)), Some(0));
-        assert_eq!(s.select(&three(), Some(700_000), NO_CAP, ms(3_500)), Some(1));
+        assert_eq!(
+            s.select(&three(), Some(200_000), NO_CAP, ms(1_000)),
+            Some(0)
+        );
+        assert_eq!(
+            s.select(&three(), Some(700_000), NO_CAP, ms(1_500)),
+            Some(0)
+        );
+        assert_eq!(
+            s.select(&three(), Some(700_000), NO_CAP, ms(2_200)),
+            Some(0)
+        );
+        assert_eq!(
+            s.select(&three(), Some(700_000), NO_CAP, ms(3_500)),
+            Some(1)
+        );
     }
 }

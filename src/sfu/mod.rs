@@ -110,10 +110,18 @@ pub struct IceCandidateInit {
     #[serde(rename = "sdpMid", default, skip_serializing_if = "Option::is_none")]
     pub sdp_mid: Option<String>,
     /// The media section's index.
-    #[serde(rename = "sdpMLineIndex", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "sdpMLineIndex",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sdp_m_line_index: Option<u16>,
     /// The ICE ufrag the candidate belongs to.
-    #[serde(rename = "usernameFragment", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "usernameFragment",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub username_fragment: Option<String>,
 }
 
@@ -761,7 +769,9 @@ impl Sfu {
         let mut pending = Vec::new();
         for w in &self.inner.workers {
             let (tx, rx) = oneshot::channel();
-            if w.send(WorkerMsg::Command(Command::Rooms { reply: tx })).is_ok() {
+            if w.send(WorkerMsg::Command(Command::Rooms { reply: tx }))
+                .is_ok()
+            {
                 pending.push(rx);
             }
         }

@@ -11,9 +11,9 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -109,7 +109,9 @@ fn interface_addrs() -> Vec<IpAddr> {
             if fam == libc::AF_INET {
                 // SAFETY: family AF_INET means sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                out.push(IpAddr::from(
+                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                ));
             } else if fam == libc::AF_INET6 {
                 // SAFETY: family AF_INET6 means sockaddr_in6.
                 let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
@@ -127,8 +129,7 @@ fn interface_addrs() -> Vec<IpAddr> {
 /// datagram is one.
 pub(crate) fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
     // Header: type(2) length(2) cookie(4) transaction(12). Binding request = 0x0001.
-    if d.len() < 20 || d.get(0..2)? != [0x00, 0x01] || d.get(4..8)? != [0x21, 0x12, 0xa4, 0x42]
-    {
+    if d.len() < 20 || d.get(0..2)? != [0x00, 0x01] || d.get(4..8)? != [0x21, 0x12, 0xa4, 0x42] {
         return None;
     }
     let len = usize::from(u16::from_be_bytes([*d.get(2)?, *d.get(3)?]));
@@ -162,7 +163,8 @@ fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match i32::from(ss.ss_family) {
         libc::AF_INET => {
             // SAFETY: family AF_INET means the storage holds a sockaddr_in.
-            let sin = unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
+            let sin =
+                unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
             Some(SocketAddr::V4(SocketAddrV4::new(
                 u32::from_be(sin.sin_addr.s_addr).into(),
                 u16::from_be(sin.sin_port),

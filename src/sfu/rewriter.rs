@@ -108,8 +108,7 @@ impl RtpRewriter {
         let out_ts = match (self.last_out_ts, self.last_arrival) {
             (Some(last_ts), Some(last_at)) => {
                 let elapsed = pkt.arrival.saturating_duration_since(last_at);
-                let ticks = (elapsed.as_micros() as u64)
-                    .saturating_mul(u64::from(self.clock_rate))
+                let ticks = (elapsed.as_micros() as u64).saturating_mul(u64::from(self.clock_rate))
                     / 1_000_000;
                 last_ts.wrapping_add(ticks.max(1))
             }
@@ -198,7 +197,11 @@ impl Vp8Munger {
     }
 
     /// The rewritten picture ID and TL0PICIDX for a packet of the current source.
-    pub fn rewrite(&mut self, picture_id: Option<u16>, tl0: Option<u8>) -> (Option<u16>, Option<u8>) {
+    pub fn rewrite(
+        &mut self,
+        picture_id: Option<u16>,
+        tl0: Option<u8>,
+    ) -> (Option<u16>, Option<u8>) {
         let pic = picture_id.map(|p| p.wrapping_add(self.pic_offset) & 0x7fff);
         let t = tl0.map(|t| t.wrapping_add(self.tl0_offset));
         if pic.is_some() {
@@ -230,9 +233,21 @@ mod tests {
         let mut rw = RtpRewriter::new(90_000, 1000, 5000);
         assert_eq!(rw.rewrite(pkt(7, 70, t0)), Err(RewriteDrop::NotStarted));
         let a = rw.switch_to(pkt(40_000, 1_000_000, t0));
-        assert_eq!(a, RtpOut { seq: 1000, ts: 5000 });
+        assert_eq!(
+            a,
+            RtpOut {
+                seq: 1000,
+                ts: 5000
+            }
+        );
         let b = rw.rewrite(pkt(40_001, 1_003_000, at(t0, 33))).unwrap();
-        assert_eq!(b, RtpOut { seq: 1001, ts: 8000 });
+        assert_eq!(
+            b,
+            RtpOut {
+                seq: 1001,
+                ts: 8000
+            }
+        );
     }
 
     #[test]
@@ -251,7 +266,10 @@ mod tests {
         assert_eq!(s.seq, 65_540);
         assert_eq!(s.seq as u16, 4, "16-bit wire value wraps");
         let expected_ts = (4_294_967_000u64 + 27_000 + 900) as u32;
-        assert_eq!(s.ts, expected_ts, "ts advances by 10 ms at 90 kHz across the 32-bit wrap");
+        assert_eq!(
+            s.ts, expected_ts,
+            "ts advances by 10 ms at 90 kHz across the 32-bit wrap"
+        );
         let n = rw.rewrite(pkt(6, 780_777, at(t0, 9 * 33 + 43))).unwrap();
         assert_eq!(n.seq, 65_541);
         assert_eq!(n.ts, expected_ts.wrapping_add(3000));
@@ -264,7 +282,9 @@ mod tests {
         let mut rw = RtpRewriter::new(48_000, 10, 0);
         rw.switch_to(pkt(65_534, (1u64 << 32) - 960, t0));
         let a = rw.rewrite(pkt(65_535, 1u64 << 32, at(t0, 20))).unwrap();
-        let b = rw.rewrite(pkt(65_536, (1u64 << 32) + 960, at(t0, 40))).unwrap();
+        let b = rw
+            .rewrite(pkt(65_536, (1u64 << 32) + 960, at(t0, 40)))
+            .unwrap();
         assert_eq!((a.seq, b.seq), (11, 12));
         assert_eq!((a.ts, b.ts), (960, 1920));
     }
@@ -275,7 +295,11 @@ mod tests {
         let mut rw = RtpRewriter::new(90_000, 0, 0);
         rw.switch_to(pkt(500, 0, t0));
         assert_eq!(rw.rewrite(pkt(502, 0, t0)).unwrap().seq, 2);
-        assert_eq!(rw.rewrite(pkt(501, 0, t0)).unwrap().seq, 1, "late packet fills its slot");
+        assert_eq!(
+            rw.rewrite(pkt(501, 0, t0)).unwrap().seq,
+            1,
+            "late packet fills its slot"
+        );
         assert_eq!(rw.rewrite(pkt(501, 0, t0)), Err(RewriteDrop::Duplicate));
         assert_eq!(rw.rewrite(pkt(502, 0, t0)), Err(RewriteDrop::Duplicate));
         assert_eq!(rw.rewrite(pkt(500, 0, t0)), Err(RewriteDrop::Duplicate));
@@ -303,7 +327,10 @@ mod tests {
     fn vp8_picture_ids_continue_across_switches_and_wrap_at_15_bits() {
         let mut m = Vp8Munger::default();
         m.switch_to(Some(32_766), Some(255));
-        assert_eq!(m.rewrite(Some(32_766), Some(255)), (Some(32_766), Some(255)));
+        assert_eq!(
+            m.rewrite(Some(32_766), Some(255)),
+            (Some(32_766), Some(255))
+        );
         assert_eq!(m.rewrite(Some(32_767), Some(0)), (Some(32_767), Some(0)));
         m.switch_to(Some(100), Some(7));
         assert_eq!(m.rewrite(Some(100), Some(7)), (Some(0), Some(1)));

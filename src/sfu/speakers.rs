@@ -110,7 +110,14 @@ mod tests {
     use super::*;
 
     /// Feeds `who` a level every 20 ms over [from, to) ms.
-    fn feed(d: &mut SpeakerDetector<&'static str>, t0: Instant, who: &'static str, lvl: i8, from: u64, to: u64) {
+    fn feed(
+        d: &mut SpeakerDetector<&'static str>,
+        t0: Instant,
+        who: &'static str,
+        lvl: i8,
+        from: u64,
+        to: u64,
+    ) {
         let mut t = from;
         while t < to {
             d.observe(&who, lvl, t0 + Duration::from_millis(t));

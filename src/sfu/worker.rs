@@ -404,11 +404,11 @@ impl Worker {
     // ---------------------------------------------------------------- I/O
 
     fn datagrams(&mut self, b: DatagramBatch) {
-        let destination = self
-            .candidates
-            .first()
-            .copied()
-            .unwrap_or_else(|| self.socket.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))));
+        let destination = self.candidates.first().copied().unwrap_or_else(|| {
+            self.socket
+                .local_addr()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+        });
         for (src, start, len) in b.items {
             let Some(data) = b.buf.get(start..start + len) else {
                 continue;
@@ -447,8 +447,8 @@ impl Worker {
                 continue;
             }
             conn.last_rx = b.at;
-            if !self.by_addr.contains_key(&src) {
-                self.by_addr.insert(src, id);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.by_addr.entry(src) {
+                e.insert(id);
                 conn.addrs.push(src);
             }
             drain(id, conn, &mut self.out, &mut self.events);
@@ -684,7 +684,11 @@ impl Worker {
             }
             Command::Rooms { reply } => {
                 let now = Instant::now();
-                let v = self.rooms.values().map(|r| self.room_info(r, now)).collect();
+                let v = self
+                    .rooms
+                    .values()
+                    .map(|r| self.room_info(r, now))
+                    .collect();
                 let _ = reply.send(v);
             }
             Command::Room { room, reply } => {
@@ -774,8 +778,14 @@ impl Worker {
         Ok(JoinResult { participants })
     }
 
-    fn publish(&mut self, room_id: &CallId, user: &UserId, offer: &str) -> Result<String, SfuError> {
-        let offer = SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+    fn publish(
+        &mut self,
+        room_id: &CallId,
+        user: &UserId,
+        offer: &str,
+    ) -> Result<String, SfuError> {
+        let offer =
+            SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         let existing = self
             .rooms
             .get(room_id)
@@ -873,8 +883,8 @@ impl Worker {
             // End-of-candidates marker.
             return Ok(());
         }
-        let c = Candidate::from_sdp_string(line)
-            .map_err(|e| SfuError::BadCandidate(e.to_string()))?;
+        let c =
+            Candidate::from_sdp_string(line).map_err(|e| SfuError::BadCandidate(e.to_string()))?;
         let conn = self.conns.get_mut(&id).ok_or(SfuError::Internal)?;
         conn.rtc.add_remote_candidate(c);
         drain(id, conn, &mut self.out, &mut self.events);
@@ -909,14 +919,7 @@ impl Worker {
             c.enabled = enabled;
             let stopped = c.forwarder.set_paused(!enabled);
             if stopped {
-                report(
-                    &*self.sink,
-                    room_id,
-                    user,
-                    c,
-                    Forwarding::Stopped,
-                    at_ms,
-                );
+                report(&*self.sink, room_id, user, c, Forwarding::Stopped, at_ms);
             }
         }
         self.select_layers(room_id, Some(user), now);
@@ -1100,7 +1103,11 @@ impl Worker {
                 Some(t.id.to_string()),
                 None,
             );
-            let target = if t.kind == MediaKind::Audio { Some(0) } else { None };
+            let target = if t.kind == MediaKind::Audio {
+                Some(0)
+            } else {
+                None
+            };
             p.consumers.insert(
                 t.id.clone(),
                 Consumer {
@@ -1161,25 +1168,25 @@ impl Worker {
                 conn.dead = true;
             }
             Event::RtpPacket(pkt) if role == Role::Publisher => self.rtp(id, pkt),
-            Event::MediaAdded(added) if role == Role::Publisher => {
-                if added.direction.is_receiving() {
-                    let rids: Vec<Rid> = added
-                        .simulcast
-                        .map(|s| {
-                            if s.recv.is_empty() {
-                                s.send.into_iter().map(|l| l.rid).collect()
-                            } else {
-                                s.recv.into_iter().map(|l| l.rid).collect()
-                            }
-                        })
-                        .unwrap_or_default();
-                    let kind = if added.kind == StrMediaKind::Audio {
-                        MediaKind::Audio
-                    } else {
-                        MediaKind::Video
-                    };
-                    self.add_track(id, added.mid, kind, rids);
-                }
+            Event::MediaAdded(added)
+                if role == Role::Publisher && added.direction.is_receiving() =>
+            {
+                let rids: Vec<Rid> = added
+                    .simulcast
+                    .map(|s| {
+                        if s.recv.is_empty() {
+                            s.send.into_iter().map(|l| l.rid).collect()
+                        } else {
+                            s.recv.into_iter().map(|l| l.rid).collect()
+                        }
+                    })
+                    .unwrap_or_default();
+                let kind = if added.kind == StrMediaKind::Audio {
+                    MediaKind::Audio
+                } else {
+                    MediaKind::Video
+                };
+                self.add_track(id, added.mid, kind, rids);
             }
             Event::MediaChanged(changed) if role == Role::Publisher => {
                 let (room_id, user) = (conn.room.clone(), conn.user.clone());
@@ -1225,7 +1232,10 @@ impl Worker {
                 let layer_track = self.rooms.get(&room_id).and_then(|r| {
                     let p = r.participants.get(&user)?;
                     let c = p.consumers.values().find(|c| c.mid == req.mid)?;
-                    Some((c.track.clone(), c.forwarder.current().or(c.forwarder.target())?))
+                    Some((
+                        c.track.clone(),
+                        c.forwarder.current().or(c.forwarder.target())?,
+                    ))
                 });
                 if let Some((t, layer)) = layer_track {
                     self.request_keyframe(&room_id, &t, layer, Instant::now());
@@ -1277,7 +1287,11 @@ impl Worker {
         let Some(room) = self.rooms.get_mut(&room_id) else {
             return;
         };
-        if room.tracks.values().any(|t| t.conn == conn_id && t.mid == mid) {
+        if room
+            .tracks
+            .values()
+            .any(|t| t.conn == conn_id && t.mid == mid)
+        {
             return;
         }
         let now = Instant::now();
@@ -1305,7 +1319,11 @@ impl Worker {
             kind,
             codec: None,
             video_codec: None,
-            clock_rate: if kind == MediaKind::Audio { 48_000 } else { 90_000 },
+            clock_rate: if kind == MediaKind::Audio {
+                48_000
+            } else {
+                90_000
+            },
             pt_params: Vec::new(),
             layers,
         };
@@ -1332,7 +1350,11 @@ impl Worker {
     }
 
     fn request_keyframe(&mut self, room_id: &CallId, track: &TrackId, layer: usize, now: Instant) {
-        let Some(t) = self.rooms.get_mut(room_id).and_then(|r| r.tracks.get_mut(track)) else {
+        let Some(t) = self
+            .rooms
+            .get_mut(room_id)
+            .and_then(|r| r.tracks.get_mut(track))
+        else {
             return;
         };
         if t.kind != MediaKind::Video {
@@ -1612,7 +1634,6 @@ impl Worker {
                 continue;
             };
             stream.write_rtp(w);
-            drop(api);
             c.written += 1;
             stats.forwarded += 1;
             stats.bytes_forwarded += pkt.payload.len() as u64;
