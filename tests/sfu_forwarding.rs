@@ -69,10 +69,12 @@ async fn two_participants_receive_each_others_vp8_and_opus_intact() {
     let (ok_a, ok_b) = tokio::join!(
         pump_until(
             &pa,
-            Some(1),
-            Some(0),
-            &[(None, 640, 360)],
-            30,
+            Pump {
+                video: Some(1),
+                audio: Some(0),
+                layers: &[(None, 640, 360)],
+                ..Pump::default()
+            },
             Duration::from_secs(20),
             || {
                 got_b.extend(bob.drain_packets());
@@ -81,10 +83,12 @@ async fn two_participants_receive_each_others_vp8_and_opus_intact() {
         ),
         pump_until(
             &pb,
-            Some(1),
-            Some(0),
-            &[(None, 320, 240)],
-            30,
+            Pump {
+                video: Some(1),
+                audio: Some(0),
+                layers: &[(None, 320, 240)],
+                ..Pump::default()
+            },
             Duration::from_secs(20),
             || {
                 got_a.extend(alice.drain_packets());

@@ -1129,7 +1129,9 @@ impl Worker {
         }
         for t in &gone {
             if let Some(c) = p.consumers.remove(t) {
-                api.stop_media(c.mid);
+                // Inactive rather than stopped: an offer whose m-lines are all stopped has no
+                // BUNDLE group, and str0m then refuses the (group-less) answer.
+                api.set_direction(c.mid, Direction::Inactive);
             }
         }
         if !api.has_changes() {

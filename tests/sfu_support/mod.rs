@@ -103,13 +103,15 @@ pub async fn join(
             tokio::select! {
                 ev = ev_rx.recv() => {
                     let Some(ev) = ev else { return };
-                    if let RtcEvent::RtcOffer { sdp, .. } = &ev {
-                        let sdp = match &offer_filter { Some(f) => f(sdp.clone()), None => sdp.clone() };
+                    let offer = match &ev { RtcEvent::RtcOffer { sdp, .. } => Some(sdp.clone()), _ => None };
+                    // Pass the event on first, so the test sees events in server order.
+                    if out_tx.send(ev).is_err() { return; }
+                    if let Some(sdp) = offer {
+                        let sdp = match &offer_filter { Some(f) => f(sdp), None => sdp };
                         let answer = sub.accept_offer(sdp).await.expect("client accepts offer");
                         sfu2.answer(&room2, &user2, answer).await.expect("server accepts answer");
                         *answered.lock().unwrap() += 1;
                     }
-                    if out_tx.send(ev).is_err() { return; }
                 }
                 p = sub.next() => {
                     let Some(p) = p else { return };
@@ -206,24 +208,57 @@ pub fn vp8_body(payload: &[u8]) -> &[u8] {
     payload.get(4..).unwrap_or(&[])
 }
 
-/// Sends video frames (one packet each; a keyframe every `key_every`) and audio packets on a
-/// publisher's tracks until `done` says stop or `timeout` passes. `layers` lists the rids to send
-/// on track 0 (empty: single layer) with their sizes. Returns whether `done` fired.
+/// How [`pump_until`] sends.
+#[derive(Clone)]
+pub struct Pump<'a> {
+    /// Track index of the video track, if any.
+    pub video: Option<usize>,
+    /// Track index of the audio track, if any.
+    pub audio: Option<usize>,
+    /// Video layers: rid (None for one layer), width, height.
+    pub layers: &'a [(Option<&'a str>, u16, u16)],
+    /// A keyframe every this many frames.
+    pub key_every: u32,
+    /// Send a keyframe on a layer right after the server asked for one (a PLI handler).
+    pub honor_pli: bool,
+    /// Audio level in -dBov.
+    pub audio_level: u8,
+}
+
+impl Default for Pump<'_> {
+    fn default() -> Self {
+        Self {
+            video: None,
+            audio: None,
+            layers: &[(None, 640, 360)],
+            key_every: 30,
+            honor_pli: true,
+            audio_level: 30,
+        }
+    }
+}
+
+static FRAME: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Sends video frames (one packet each) and audio packets every 20 ms until `done` says stop or
+/// `timeout` passes. Returns whether `done` fired.
 pub async fn pump_until(
     publisher: &Publisher,
-    video_track: Option<usize>,
-    audio_track: Option<usize>,
-    layers: &[(Option<&str>, u16, u16)],
-    key_every: u32,
+    opts: Pump<'_>,
     timeout: Duration,
     mut done: impl FnMut() -> bool,
 ) -> bool {
     let start = Instant::now();
-    let mut frame: u32 = 0;
+    let mut plis: HashMap<Option<String>, u64> = HashMap::new();
     while start.elapsed() < timeout {
-        if let Some(vt) = video_track {
-            for (rid, w, h) in layers {
-                let key = frame % key_every == 0;
+        // One process-wide frame counter, so timestamps keep rising across calls.
+        let frame = FRAME.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(vt) = opts.video {
+            for (rid, w, h) in opts.layers {
+                let requests = publisher.keyframe_requests(vt, *rid);
+                let asked = opts.honor_pli
+                    && plis.insert(rid.map(str::to_owned), requests).unwrap_or(0) < requests;
+                let key = frame.is_multiple_of(opts.key_every) || asked;
                 let tag = format!("v:{}:{}", rid.unwrap_or("-"), frame);
                 let payload = vp8(key, (frame % 30000) as u16, *w, *h, tag.as_bytes());
                 publisher
@@ -241,7 +276,7 @@ pub async fn pump_until(
                     .expect("write video");
             }
         }
-        if let Some(at) = audio_track {
+        if let Some(at) = opts.audio {
             let tag = format!("a:{frame}");
             publisher
                 .write(
@@ -251,17 +286,33 @@ pub async fn pump_until(
                         timestamp: frame.wrapping_mul(960),
                         marker: false,
                         payload: Bytes::from(tag.into_bytes()),
-                        audio_level: Some(30),
+                        audio_level: Some(opts.audio_level),
                     },
                 )
                 .await
                 .expect("write audio");
         }
-        frame += 1;
         if done() {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
+}
+
+/// Whether a received packet is (fake) VP8.
+pub fn is_video(p: &Received) -> bool {
+    p.payload.first() == Some(&0x90)
+}
+
+/// Whether a received fake VP8 packet starts a keyframe.
+pub fn is_key(p: &Received) -> bool {
+    is_video(p) && p.payload.get(4).is_some_and(|b| b & 1 == 0)
+}
+
+/// The layer tag (`q`, `h`, `f`, `-`) of a received fake VP8 packet.
+pub fn layer_of(p: &Received) -> Option<char> {
+    let body = vp8_body(&p.payload);
+    let i = body.windows(2).position(|w| w == b"v:")?;
+    body.get(i + 2).map(|b| *b as char)
 }
