@@ -381,3 +381,24 @@ async fn leave_unpublishes_and_tells_the_others() {
     );
     sfu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_whose_connection_dies_is_removed() {
+    let (sfu, sink) = start(1);
+    let room = CallId::random();
+    let mut alice = join(&sfu, &sink, &room, "alice", None).await;
+    let mut bob = join(&sfu, &sink, &room, "bob", None).await;
+    alice.publish(&sfu, &[TrackSpec::audio()]).await;
+    first_track(&mut bob).await;
+    // Alice's client goes away without rtc_leave: its DTLS close reaches the server.
+    alice.publisher.take().unwrap().close().await;
+    let left = bob
+        .wait_event(Duration::from_secs(30), |e| {
+            matches!(e, RtcEvent::ParticipantLeft { user_id, .. } if user_id.as_str() == "alice")
+        })
+        .await;
+    assert!(left.is_some(), "participant_left after the connection died");
+    let info = sfu.room(&room).await.unwrap();
+    assert_eq!(info.participants.len(), 1);
+    sfu.shutdown().await;
+}

@@ -163,6 +163,28 @@ async fn two_participants_receive_each_others_vp8_and_opus_intact() {
             .any(|u| u.user_id.as_str() == "alice" && u.forwarding == Forwarding::Audio)
     );
 
+    // Alice talks at -30 dBov: bob hears that she is the active speaker.
+    let mut speakers = None;
+    let spoke = pump_until(
+        &pa,
+        Pump {
+            audio: Some(0),
+            ..Pump::default()
+        },
+        Duration::from_secs(5),
+        || {
+            while let Ok(e) = bob.events.try_recv() {
+                if let RtcEvent::ActiveSpeakers { user_ids, .. } = e {
+                    speakers = Some(user_ids);
+                }
+            }
+            speakers.as_ref().is_some_and(|s| !s.is_empty())
+        },
+    )
+    .await;
+    assert!(spoke, "active_speakers from the audio level");
+    assert_eq!(speakers.unwrap()[0].as_str(), "alice");
+
     let counters = sfu.counters();
     assert!(counters.packets_forwarded >= 80, "{counters:?}");
     sfu.shutdown().await;
