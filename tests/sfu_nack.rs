@@ -74,32 +74,22 @@ async fn lost_packets_are_recovered_through_nack_and_rtx() {
     // Carol's subscriber connection goes through the relay: the filter rewrites the server's
     // host candidate in each offer to the relay's address.
     let port = sfu.local_addr().port();
-    let relay: Arc<std::sync::Mutex<Option<(SocketAddr, Arc<AtomicU64>)>>> = Default::default();
-    let relay_slot = relay.clone();
-    let sfu_addr = sfu.local_addr();
     let drop_pt = Arc::new(AtomicU8::new(255));
-    let pt_slot = drop_pt.clone();
+    let (relay_addr, dropped) = lossy_relay(sfu.local_addr(), drop_pt.clone()).await;
     let filter = Arc::new(move |sdp: String| {
         if let Some(pt) = vp8_pt(&sdp) {
-            pt_slot.store(pt, Ordering::Relaxed);
+            drop_pt.store(pt, Ordering::Relaxed);
         }
-        let (addr, _) = relay_slot
-            .lock()
-            .unwrap()
-            .clone()
-            .expect("relay started before the first offer");
         sdp.replace(
             &format!(" {port} typ host"),
-            &format!(" {} typ host", addr.port()),
+            &format!(" {} typ host", relay_addr.port()),
         )
     });
-    *relay.lock().unwrap() = Some(lossy_relay(sfu_addr, drop_pt).await);
     let mut carol = join(&sfu, &sink, &room, "carol", Some(filter)).await;
 
     let pa = alice.publisher.take().unwrap();
     let mut got: BTreeMap<u16, bytes::Bytes> = BTreeMap::new();
     let mut order = Vec::new();
-    let dropped = relay.lock().unwrap().clone().unwrap().1;
     let pump = Pump {
         video: Some(0),
         key_every: 50,
