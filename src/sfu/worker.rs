@@ -389,6 +389,10 @@ impl Worker {
                 }
             }
             let now = Instant::now();
+            // Forward what arrived, then feed the round's time to every due connection: this
+            // fires timers and makes str0m release the packets just written to subscribers,
+            // so they leave in this round's sendmmsg.
+            self.process_events();
             self.timeouts(now);
             self.process_events();
             if now >= self.next_tick {
