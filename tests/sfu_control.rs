@@ -402,3 +402,85 @@ async fn a_participant_whose_connection_dies_is_removed() {
     assert_eq!(info.participants.len(), 1);
     sfu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_join_of_the_same_user_replaces_the_first() {
+    let (sfu, sink) = start(1);
+    let room = CallId::random();
+    let mut first = join(&sfu, &sink, &room, "dave@example.com", None).await;
+    let mut bob = join(&sfu, &sink, &room, "bob", None).await;
+    first.publish(&sfu, &[TrackSpec::video()]).await;
+    first_track(&mut bob).await;
+
+    let mut second = join(&sfu, &sink, &room, "dave@example.com", None).await;
+    let kicked = first
+        .wait_event(Duration::from_secs(5), |e| {
+            matches!(e, RtcEvent::ParticipantLeft { user_id, .. } if user_id.as_str() == "dave@example.com")
+        })
+        .await;
+    assert!(kicked.is_some(), "the replaced session is told it left");
+    // Bob sees the old participant's track go, then the user join again.
+    let mut seen = Vec::new();
+    while let Some(ev) = bob.wait_event(Duration::from_secs(2), |_| true).await {
+        if ev.name() != "rtc_offer" {
+            seen.push(ev.name());
+        }
+        if ev.name() == "participant_joined" {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "track_unpublished",
+            "participant_left",
+            "participant_joined"
+        ]
+    );
+    let info = sfu.room(&room).await.unwrap();
+    assert_eq!(info.participants.len(), 2);
+    assert_eq!(info.participants[1].session_id, second.session.to_string());
+
+    // The new session receives bob's track.
+    bob.publish(&sfu, &[TrackSpec::video()]).await;
+    let pb = bob.publisher.take().unwrap();
+    let mut got = Vec::new();
+    assert!(
+        pump_until(
+            &pb,
+            Pump {
+                video: Some(0),
+                ..Pump::default()
+            },
+            Duration::from_secs(10),
+            || {
+                got.extend(second.drain_packets());
+                !got.is_empty()
+            }
+        )
+        .await
+    );
+    assert_eq!(got[0].stream_id, "bob");
+
+    // And bob receives the new session's track with msid naming the user exactly, '@' included.
+    second.publish(&sfu, &[TrackSpec::video()]).await;
+    let ps = second.publisher.take().unwrap();
+    let mut got = Vec::new();
+    assert!(
+        pump_until(
+            &ps,
+            Pump {
+                video: Some(0),
+                ..Pump::default()
+            },
+            Duration::from_secs(10),
+            || {
+                got.extend(bob.drain_packets());
+                !got.is_empty()
+            }
+        )
+        .await
+    );
+    assert_eq!(got[0].stream_id, "dave@example.com");
+    sfu.shutdown().await;
+}

@@ -427,7 +427,17 @@ pub struct Counters {
     pub datagrams_out: AtomicU64,
     /// UDP datagrams received.
     pub datagrams_in: AtomicU64,
+    /// Packet dwell (arrival → handed to `sendmmsg`), counts per bucket of [`DWELL_BOUNDS_US`]
+    /// (the last bucket is everything above).
+    pub dwell: [AtomicU64; DWELL_BUCKETS],
 }
+
+/// Upper bounds, in microseconds, of the dwell buckets in [`Counters::dwell`].
+pub const DWELL_BOUNDS_US: [u64; DWELL_BUCKETS - 1] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000,
+];
+/// Number of dwell buckets.
+pub const DWELL_BUCKETS: usize = 13;
 
 /// A copy of [`Counters`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -450,6 +460,30 @@ pub struct CountersSnapshot {
     pub datagrams_out: u64,
     /// See [`Counters::datagrams_in`].
     pub datagrams_in: u64,
+    /// See [`Counters::dwell`].
+    pub dwell: [u64; DWELL_BUCKETS],
+}
+
+impl CountersSnapshot {
+    /// The dwell bucket bound at or below which a fraction `q` of forwarded packets stayed in the
+    /// server (`None`: no packets, or above the last bound).
+    pub fn dwell_quantile(&self, q: f64) -> Option<std::time::Duration> {
+        let total: u64 = self.dwell.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (total as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, n) in self.dwell.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return DWELL_BOUNDS_US
+                    .get(i)
+                    .map(|us| std::time::Duration::from_micros(*us));
+            }
+        }
+        None
+    }
 }
 
 impl Counters {
@@ -466,6 +500,7 @@ impl Counters {
             layer_switches: r(&self.layer_switches),
             datagrams_out: r(&self.datagrams_out),
             datagrams_in: r(&self.datagrams_in),
+            dwell: std::array::from_fn(|i| self.dwell.get(i).map_or(0, r)),
         }
     }
 }

@@ -485,8 +485,25 @@ impl Worker {
         let s = &mut self.stats;
         if let Some(sent) = forwarded_at {
             let h = metrics::histogram!(m::PACKET_DWELL);
+            let mut buckets = [0u64; super::DWELL_BUCKETS];
             for at in s.dwell.drain(..) {
-                h.record(sent.saturating_duration_since(at).as_secs_f64());
+                let d = sent.saturating_duration_since(at);
+                h.record(d.as_secs_f64());
+                let us = d.as_micros() as u64;
+                let i = super::DWELL_BOUNDS_US
+                    .iter()
+                    .position(|b| us <= *b)
+                    .unwrap_or(super::DWELL_BUCKETS - 1);
+                if let Some(b) = buckets.get_mut(i) {
+                    *b += 1;
+                }
+            }
+            for (i, n) in buckets.iter().enumerate() {
+                if *n > 0
+                    && let Some(a) = self.counters.dwell.get(i)
+                {
+                    a.fetch_add(*n, Ordering::Relaxed);
+                }
             }
         }
         s.dwell.clear();
@@ -1143,7 +1160,21 @@ impl Worker {
         }
         if let Some((offer, pending)) = api.apply() {
             p.pending_offer = Some(pending);
-            let sdp = offer.to_sdp_string();
+            let mut sdp = offer.to_sdp_string();
+            // str0m keeps only RFC 8830 token characters in msid; user IDs may also contain
+            // '@'. Put the exact `<user_id> <track_id>` back (the track ID is all token chars).
+            for c in p.consumers.values() {
+                let Some(owner) = room.tracks.get(&c.track).map(|t| t.owner.as_str()) else {
+                    continue;
+                };
+                if owner.contains('@') {
+                    let clean: String = owner.chars().filter(|ch| *ch != '@').collect();
+                    sdp = sdp.replace(
+                        &format!("msid:{clean} {}", c.track),
+                        &format!("msid:{owner} {}", c.track),
+                    );
+                }
+            }
             self.sink.deliver(
                 p.session,
                 RtcEvent::RtcOffer {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use switchboard::client::{Outgoing, Publisher, Received, Subscriber, TrackSpec};
 use switchboard::config::MediaConfig;
 use switchboard::ids::{CallId, SessionId, UserId};
-use switchboard::sfu::{ConsumerUpdate, MediaSink, RtcEvent, Sfu};
+use switchboard::sfu::{ConsumerUpdate, MediaSink, RtcEvent, Sfu, SfuError};
 use tokio::sync::mpsc;
 
 pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -109,8 +109,12 @@ pub async fn join(
                     if let Some(sdp) = offer {
                         let sdp = match &offer_filter { Some(f) => f(sdp), None => sdp };
                         let answer = sub.accept_offer(sdp).await.expect("client accepts offer");
-                        sfu2.answer(&room2, &user2, answer).await.expect("server accepts answer");
-                        *answered.lock().unwrap() += 1;
+                        match sfu2.answer(&room2, &user2, answer).await {
+                            Ok(()) => *answered.lock().unwrap() += 1,
+                            // The engine stopped or the participant left meanwhile.
+                            Err(SfuError::Unavailable | SfuError::NotJoined) => return,
+                            Err(e) => panic!("server refused the answer: {e}"),
+                        }
                     }
                 }
                 p = sub.next() => {
