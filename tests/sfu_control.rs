@@ -232,6 +232,22 @@ async fn a_late_joiner_gets_a_keyframe_within_a_second() {
         pa.keyframe_requests(0, None) > requests_before,
         "the server sent a PLI to the publisher"
     );
+    // The late joiner learned the layer's measured resolution, measured before it joined.
+    let res = carol
+        .as_mut()
+        .unwrap()
+        .wait_event(Duration::from_secs(2), |e| {
+            matches!(
+                e,
+                RtcEvent::TrackResolution {
+                    width: 640,
+                    height: 360,
+                    ..
+                }
+            )
+        })
+        .await;
+    assert!(res.is_some(), "track_resolution for the late joiner");
     sfu.shutdown().await;
 }
 

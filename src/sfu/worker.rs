@@ -791,6 +791,23 @@ impl Worker {
                 joined_seq: seq,
             },
         );
+        // Layers measured before this join: tell the newcomer what the others already know.
+        for t in room.tracks.values() {
+            for l in &t.layers {
+                if let Some(res) = l.resolution {
+                    self.sink.deliver(
+                        session,
+                        RtcEvent::TrackResolution {
+                            call_id: room_id.clone(),
+                            track_id: t.id.clone(),
+                            rid: l.rid.map(|r| r.to_string()).unwrap_or_default(),
+                            width: res.width,
+                            height: res.height,
+                        },
+                    );
+                }
+            }
+        }
         let count = room.participants.len();
         metrics::gauge!(m::PARTICIPANTS).increment(1.0);
         let now_ms = self.epoch_ms(Instant::now());
@@ -1094,8 +1111,6 @@ impl Worker {
                 if wanted.is_empty() {
                     return;
                 }
-                // Creating the connection needs &mut self; collect what we need first.
-                let wanted_ids: Vec<TrackId> = wanted.iter().map(|t| t.id.clone()).collect();
                 let id = self.new_conn(room_id, user, Role::Subscriber);
                 if let Some(p) = self
                     .rooms
@@ -1104,7 +1119,6 @@ impl Worker {
                 {
                     p.subscriber = Some(id);
                 }
-                let _ = wanted_ids;
                 return self.renegotiate(room_id, user);
             }
         };
