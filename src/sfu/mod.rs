@@ -66,8 +66,34 @@
 //! are requested when a consumer starts, resumes or switches; all through a per-layer
 //! [`keyframe::KeyframeThrottle`] (one per 500 ms). NACKs are answered by str0m from the
 //! subscriber stream's RTX cache (packets are written `nackable`), as RTX where negotiated
-//! (str0m resends only over RTX). Each subscriber `Rtc` runs str0m's TWCC bandwidth estimator;
-//! its `EgressBitrateEstimate` feeds the layer selector.
+//! (str0m resends only over RTX). Each subscriber `Rtc` runs str0m's TWCC bandwidth estimator
+//! (REMB estimates are taken too); its `EgressBitrateEstimate` feeds the layer selector, which
+//! runs every 100 ms and at once on `subscription` and answers.
+//!
+//! str0m in RTP mode releases a packet written with `write_rtp` only when the `Rtc` is next fed
+//! time, so each round forwards everything it received, then feeds the round's time to every
+//! due connection, then sends the lot with one `sendmmsg` batch.
+//!
+//! # Measuring
+//!
+//! Counters are kept per round and flushed once per round to the `metrics` registry and to
+//! [`Counters`] ([`Sfu::counters`]). NACK counts come from str0m's per-stream egress stats
+//! (once a second); str0m reports no RTX count, so [`Counters::rtx`] is the number of packets
+//! str0m sent on an m-line beyond those the SFU wrote (retransmissions plus RTX padding).
+//! Dwell is the time from the `recvmmsg` that read a packet to the `sendmmsg` of the round that
+//! forwarded it; a packet str0m's pacer holds back (BWE pacing) leaves later than recorded.
+//!
+//! # Limits
+//!
+//! - The server is ICE-lite with host candidates only; the destination address handed to
+//!   str0m is the first announced candidate (no `IP_PKTINFO`), so a multi-homed server should
+//!   announce one address.
+//! - Subscriber m-lines of unpublished tracks are set inactive, not recycled: a long call with
+//!   much publish/unpublish churn grows its subscriber SDP.
+//! - Only Opus, VP8, VP9, H.264 and AV1 are negotiated. Keyframe detection and resolution
+//!   measurement come from [`crate::codec`]; until a layer is measured its billing resolution
+//!   is 0×0 and it does not satisfy a resolution cap.
+//! - Dropping the last [`Sfu`] handle does not stop the threads; call [`Sfu::shutdown`].
 
 mod net;
 mod worker;

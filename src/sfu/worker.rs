@@ -250,6 +250,9 @@ pub(crate) struct Worker {
     next_tick: Instant,
     join_seq: u64,
     epoch: (Instant, u64),
+    /// One DTLS certificate for every connection of this worker: generating a key pair per
+    /// connection costs milliseconds of CPU on each join.
+    dtls_cert: Option<str0m::config::DtlsCert>,
 }
 
 /// Polls `rtc` until its timeout: transmits go to `out`, events to `events`.
@@ -332,6 +335,9 @@ impl Worker {
             next_tick: now + TICK,
             join_seq: 0,
             epoch: (now, epoch_ms),
+            dtls_cert: str0m::crypto::from_feature_flags()
+                .dtls_provider
+                .generate_certificate(),
         }
     }
 
@@ -572,6 +578,9 @@ impl Worker {
             .enable_av1(true);
         if role == Role::Subscriber {
             builder = builder.enable_bwe(Some(Bitrate::kbps(INITIAL_BWE_KBPS)));
+        }
+        if let Some(cert) = &self.dtls_cert {
+            builder = builder.set_dtls_cert(cert.clone());
         }
         let mut rtc = builder.build(now);
         for addr in &self.candidates {
