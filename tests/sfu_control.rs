@@ -500,3 +500,68 @@ async fn a_second_join_of_the_same_user_replaces_the_first() {
     assert_eq!(got[0].stream_id, "dave@example.com");
     sfu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_protocol_errors_and_change_nothing() {
+    use switchboard::sfu::{IceCandidateInit, PcTarget, SfuError};
+    let (sfu, sink) = start(1);
+    let room = CallId::random();
+    let mut alice = join(&sfu, &sink, &room, "alice", None).await;
+    let stranger = switchboard::ids::UserId::parse("mallory").unwrap();
+
+    let e = sfu
+        .publish(&room, &stranger, "v=0".into())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.clone(), e.code()),
+        (SfuError::NotJoined, "invalid_state")
+    );
+    let e = sfu
+        .publish(&room, &alice.user, "not sdp at all".into())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SfuError::BadSdp(_)) && e.code() == "bad_request");
+    let e = sfu
+        .answer(&room, &alice.user, "v=0".into())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_state", "no offer outstanding: {e}");
+    let e = sfu
+        .subscription(&room, &alice.user, &TrackId::random(), true, None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(e, SfuError::UnknownTrack);
+
+    alice.publish(&sfu, &[TrackSpec::audio()]).await;
+    let good = IceCandidateInit {
+        candidate: "candidate:1 1 udp 2130706431 127.0.0.1 9 typ host".into(),
+        sdp_mid: Some("0".into()),
+        sdp_m_line_index: Some(0),
+        username_fragment: None,
+    };
+    sfu.candidate(&room, &alice.user, PcTarget::Publisher, good)
+        .await
+        .expect("trickled candidate accepted");
+    let bad = IceCandidateInit {
+        candidate: "candidate:garbage".into(),
+        ..Default::default()
+    };
+    let e = sfu
+        .candidate(&room, &alice.user, PcTarget::Publisher, bad)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SfuError::BadCandidate(_)) && e.code() == "bad_request");
+    // Random datagrams at the media port are dropped without harm.
+    let junk = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..200u8 {
+        let mut d = vec![i; (i as usize % 60) + 1];
+        d[0] = i % 4; // looks like STUN to the demultiplexer
+        junk.send_to(&d, sfu.local_addr()).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let info = sfu.room(&room).await.expect("engine still answers");
+    assert_eq!(info.participants.len(), 1);
+    assert_eq!(info.participants[0].tracks.len(), 1);
+    sfu.shutdown().await;
+}

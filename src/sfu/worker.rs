@@ -831,14 +831,14 @@ impl Worker {
         user: &UserId,
         offer: &str,
     ) -> Result<String, SfuError> {
-        let offer =
-            SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         let existing = self
             .rooms
             .get(room_id)
             .and_then(|r| r.participants.get(user))
             .ok_or(SfuError::NotJoined)?
             .publisher;
+        let offer =
+            SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         let id = match existing {
             Some(id) => id,
             None => {
