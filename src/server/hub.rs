@@ -84,6 +84,7 @@ pub struct Hub {
     config: Arc<Config>,
     rooms: std::sync::RwLock<Option<Arc<dyn RoomControl>>>,
     notices: std::sync::RwLock<Vec<Arc<dyn NoticeSink>>>,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Hub {
@@ -107,21 +108,53 @@ impl Hub {
             config,
             rooms: std::sync::RwLock::new(None),
             notices: std::sync::RwLock::new(Vec::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Installs the media plane's room hooks.
-    pub fn set_room_control(&self, rooms: Arc<dyn RoomControl>) {
+    /// Installs (or, with `None`, removes) the media plane's room hooks.
+    pub fn set_room_control(&self, rooms: Option<Arc<dyn RoomControl>>) {
         if let Ok(mut r) = self.rooms.write() {
-            *r = Some(rooms);
+            *r = rooms;
         }
     }
 
-    /// Adds a receiver of notices (webhooks, billing).
+    /// Adds a receiver of notices (billing).
     pub fn add_notice_sink(&self, sink: Arc<dyn NoticeSink>) {
         if let Ok(mut n) = self.notices.write() {
             n.push(sink);
         }
+    }
+
+    /// Removes every notice receiver (shutdown).
+    pub fn clear_notice_sinks(&self) {
+        if let Ok(mut n) = self.notices.write() {
+            n.clear();
+        }
+    }
+
+    /// Starts a drain: no new calls, joins or answers.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.core().set_draining(true);
+    }
+
+    /// Whether a drain is under way.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// How many calls are in progress (someone accepted, or someone is in the room).
+    pub fn calls_in_progress(&self) -> usize {
+        self.core().calls_in_progress().len()
+    }
+
+    /// Ends the calls in progress (the end of a drain); calls that only ring survive the restart.
+    pub fn end_in_progress(self: &Arc<Self>, reason: EndReason) {
+        let now = now_ms();
+        let mut core = self.core();
+        let out = core.end_in_progress(now, reason);
+        self.commit(&mut core, now, out, None);
     }
 
     /// The configuration in force.
