@@ -5,7 +5,7 @@
 // allows inviting more during the call (hang up = call_quit).
 //
 // URL parameters: `timeout` (seconds an invitation rings, default 60; the tests use a short one),
-// `video` (camera size as WxH, e.g. 640x360, default 1280x720).
+// `video` (camera size as WxH, e.g. 640x360, default 1280x720), `debug=1` (log every frame).
 
 import { Switchboard, describeError, getLocalMedia } from '/sdk/switchboard.js';
 import {
@@ -18,7 +18,10 @@ const VIDEO_SIZE = sizeParam('video') ?? { width: 1280, height: 720 };
 const USER_ID = /^[A-Za-z0-9_.@-]{1,64}$/;
 const RINGING = new Set(['inviting', 'received', 'offline']);
 const TOKEN_KEY = 'switchboard.session';
+// General mode has no "hang up" signal: the other side leaving the room is the sign. A short wait
+// lets a reloading page come back; after our own reconnect, the other side may be reconnecting too.
 const PEER_LEFT_GRACE_MS = 2500;
+const PEER_AWAY_AFTER_REJOIN_MS = 15000;
 const TIER_LABELS = { audio: 'Audio', hd: 'HD', full_hd: 'Full HD', '2k': '2K', '4k': '4K', '4k_plus': '4K+' };
 
 const $ = (id) => document.getElementById(id);
@@ -174,7 +177,7 @@ async function onSignIn(e) {
 }
 
 async function startSession(token, name) {
-  const sb = new Switchboard({ token });
+  const sb = new Switchboard({ token, debug: params.get('debug') === '1' });
   try {
     const session = await sb.connect();
     const claims = tokenClaims(token);
@@ -819,6 +822,33 @@ class Tile {
     }
   }
 
+  // Asks the server for the simulcast layer that fills this tile and no more: a phone's small
+  // tile does not need 720p, and what a user receives is what they are billed for.
+  fitLayer() {
+    const room = app.call?.room;
+    if (this.local || !room || !this.trackId) return;
+    const layers = [...(room.resolutions.get(this.trackId)?.values() ?? [])]
+      .filter((l) => l.width > 0 && l.height > 0)
+      .sort((a, b) => a.width * a.height - b.width * b.height);
+    if (!layers.length) return;
+    const rect = this.el.getBoundingClientRect();
+    if (!rect.width || !rect.height) return;
+    const dpr = window.devicePixelRatio || 1;
+    const [w, h] = [rect.width * dpr, rect.height * dpr];
+    const top = layers[layers.length - 1];
+    const aspect = top.width / top.height;
+    const cover = getComputedStyle(this.video).objectFit === 'cover';
+    const shownH = cover ? Math.max(h, w / aspect) : Math.min(h, w / aspect);
+    const shownW = shownH * aspect;
+    const pick = layers.find((l) => l.width >= shownW * 0.85 && l.height >= shownH * 0.85) ?? top;
+    const key = `${this.trackId}:${pick.width}x${pick.height}`;
+    if (this.cap === key) return;
+    this.cap = key;
+    room.setSubscription(this.trackId, { enabled: true, maxWidth: pick.width, maxHeight: pick.height }).catch(() => {
+      this.cap = null;
+    });
+  }
+
   destroy() {
     clearInterval(this.frameFallback);
     this.video.srcObject = null;
@@ -867,6 +897,14 @@ function enterCall({ callId, mode, type, stream, ext, states, caller }) {
   showView('view-call', { focus: false });
   $('hang-up').focus();
   c.ticker = setInterval(() => callTick(), 500);
+  let fitTimer = null;
+  c.resize = new ResizeObserver(() => {
+    clearTimeout(fitTimer);
+    fitTimer = setTimeout(() => {
+      for (const t of c.tiles.values()) t.fitLayer();
+    }, 300);
+  });
+  c.resize.observe($('grid'));
   learnNames([...c.states.keys()]);
   joinMedia(c);
 }
@@ -914,7 +952,7 @@ function roomHandlers(c) {
       learnNames([user_id]);
       renderCallTitle();
     },
-    participant_left: ({ user_id }) => {
+    participant_left: ({ user_id, rejoin }) => {
       if (!live()) return;
       const t = c.tiles.get(user_id);
       if (t) {
@@ -929,7 +967,7 @@ function roomHandlers(c) {
           if (live() && c.room?.participants.size === 0) {
             leaveCall({ message: `${nameOf(user_id)} hung up.` });
           }
-        }, PEER_LEFT_GRACE_MS);
+        }, rejoin ? PEER_AWAY_AFTER_REJOIN_MS : PEER_LEFT_GRACE_MS);
       }
     },
     track: ({ userId, kind, trackId, stream }) => {
@@ -939,6 +977,7 @@ function roomHandlers(c) {
       if (kind === 'video') t.trackId = trackId;
       t.setStream(stream);
       t.updateResolution();
+      t.fitLayer();
     },
     track_ended: ({ userId, kind }) => {
       const t = c.tiles.get(userId);
@@ -957,7 +996,10 @@ function roomHandlers(c) {
     },
     track_resolution: () => {
       if (!live()) return;
-      for (const t of c.tiles.values()) t.updateResolution();
+      for (const t of c.tiles.values()) {
+        t.updateResolution();
+        t.fitLayer();
+      }
     },
     billing_tier: (d) => {
       if (!live()) return;
@@ -1114,6 +1156,10 @@ function layoutGrid() {
   const n = c ? c.tiles.size : 1;
   grid.dataset.count = String(n);
   grid.classList.toggle('pip', n === 2);
+  // Tiles change size with the layout; the grid's own size may not.
+  requestAnimationFrame(() => {
+    for (const t of app.call?.tiles.values() ?? []) t.fitLayer();
+  });
 }
 
 function callTick() {
@@ -1155,6 +1201,7 @@ function teardownCall() {
   c.ending = true;
   clearInterval(c.ticker);
   clearTimeout(c.peerLeftTimer);
+  c.resize?.disconnect();
   for (const t of c.tiles.values()) t.destroy();
   c.tiles.clear();
   stopStream(c.stream);

@@ -89,6 +89,8 @@ export class TestServer {
       SWITCHBOARD_STORAGE_PATH: join(this.dir, 'switchboard.db'),
       SWITCHBOARD_SERVER_LISTEN: `127.0.0.1:${this.port}`,
       SWITCHBOARD_MEDIA_UDP_PORT: '0',
+      // Stopping at the end should not wait out calls in progress (SIGTERM drains them).
+      SWITCHBOARD_SERVER_DRAIN_TIMEOUT: '1',
       RUST_LOG: process.env.RUST_LOG ?? 'info',
     };
     const log = createWriteStream(this.logPath);
@@ -116,9 +118,10 @@ export class TestServer {
     return { status: r.status, body };
   }
 
-  /** Stops the server and starts it again on the same port and database (a restart, as in production). */
-  async restart() {
-    this.proc.kill('SIGTERM');
+  /** Kills the server (a crash: no drain, sockets just drop) and starts it again on the same port
+   * and database. */
+  async crashAndRestart() {
+    this.proc.kill('SIGKILL');
     await this.exited;
     const log = createWriteStream(this.logPath, { flags: 'a' });
     this.proc = spawn(this.bin, ['serve', '--dev'], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] });

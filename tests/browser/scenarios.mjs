@@ -13,16 +13,12 @@ async function dialogClosed(user, { timeout = 5000 } = {}) {
   await user.page.locator('dialog#incoming[open]').waitFor({ state: 'hidden', timeout });
 }
 
-// The admin room description: every listed user is a participant, and somewhere under each one a
-// video layer has a measured width and height.
+// The admin room description (GET /v1/rooms/{id}): the users who publish a video track with at
+// least one layer whose resolution the server measured.
 function measuredParticipants(room) {
-  const participants = room?.participants ?? room?.room?.participants ?? [];
-  const measured = (v) => {
-    if (!v || typeof v !== 'object') return false;
-    if (Number(v.width) > 0 && Number(v.height) > 0) return true;
-    return Object.values(v).some(measured);
-  };
-  return participants.filter((p) => measured(p.tracks ?? p)).map((p) => p.user_id);
+  return (room?.participants ?? [])
+    .filter((p) => (p.tracks ?? []).some((tr) => tr.kind === 'video' && (tr.layers ?? []).some((l) => l.width > 0 && l.height > 0)))
+    .map((p) => p.user_id);
 }
 
 async function expectTileGone(user, userId, { timeout = 8000 } = {}) {
@@ -69,7 +65,7 @@ export const scenarios = [
         const who = r.status === 200 ? measuredParticipants(r.body) : [];
         return who.includes('alice') && who.includes('bob') ? r.body : null;
       }, { timeout: 15_000, what: `GET /v1/rooms/${callId} to list alice and bob with measured resolutions` });
-      const count = (room.participants ?? room.room?.participants ?? []).length;
+      const count = room.participants.length;
       assert(count === 2, `the room has ${count} participants, expected 2`);
       if (await alice.page.locator('#tier-badge').isVisible()) {
         t.log(`Alice's billing tier: ${await text(alice, '#tier-badge')}`);
@@ -391,23 +387,26 @@ export const scenarios = [
 
   {
     name: 'reconnect',
-    title: 'The server restarts while a call rings: both pages reconnect, the invitation shows once, and the call goes on',
+    title: 'The server crashes and restarts while a call rings: both pages reconnect, the invitation shows once, the call goes on',
     async run(t) {
       const uma = await t.user({ id: 'uma', name: 'Uma Rossi' });
       const vic = await t.user({ id: 'vic', name: 'Vic Moreau' });
       await uma.signIn();
       await vic.signIn();
-      await uma.call('vic', 'voice');
+      await uma.call('vic', 'video');
       await vic.incoming();
       await uma.view('waiting');
-      const restart = t.server.restart();
+      const reconnected = async () => {
+        for (const u of [uma, vic]) {
+          await waitUntil(() => u.page.evaluate(() => window.switchboardApp.sb.state === 'open'), { timeout: 20_000, what: `${u.id} to reconnect` });
+          await u.page.locator('#connection-banner').waitFor({ state: 'hidden', timeout: 5000 });
+        }
+      };
+      let restart = t.server.crashAndRestart();
       await vic.page.locator('#connection-banner').waitFor({ state: 'visible', timeout: 5000 });
       await vic.shot('reconnecting');
       await restart;
-      for (const u of [uma, vic]) {
-        await waitUntil(() => u.page.evaluate(() => window.switchboardApp.sb.state === 'open'), { timeout: 20_000, what: `${u.id} to reconnect` });
-        await u.page.locator('#connection-banner').waitFor({ state: 'hidden', timeout: 5000 });
-      }
+      await reconnected();
       await sleep(500);
       const queued = await vic.page.evaluate(() => window.switchboardApp.incoming.length);
       assert(queued === 1, `Vic has ${queued} invitations after the replay, expected 1`);
@@ -416,7 +415,18 @@ export const scenarios = [
       await click(vic, /^Accept/);
       await uma.view('call');
       await vic.view('call');
-      await vic.shot('in-call-after-restart');
+      await uma.expectVideoFrom('vic');
+      await vic.expectVideoFrom('uma');
+
+      // Again, in the middle of the call: both rejoin the room and the video comes back.
+      restart = t.server.crashAndRestart();
+      await uma.page.locator('#connection-banner').waitFor({ state: 'visible', timeout: 5000 });
+      await restart;
+      await reconnected();
+      await uma.expectVideoFrom('vic', { timeout: 30_000 });
+      await vic.expectVideoFrom('uma', { timeout: 30_000 });
+      await uma.view('call');
+      await vic.shot('in-call-after-restarts');
       await click(uma, 'Hang up');
       await uma.view('home');
     },

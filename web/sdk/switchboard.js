@@ -755,6 +755,8 @@ export class Room extends Emitter {
   #ownsStream = false;
   #midMap = new Map();
   #bound = new Map();
+  #goneTracks = new Set();
+  #joinedSince = null;
   #closed = false;
   #restarting = null;
   #failTimer = null;
@@ -849,19 +851,22 @@ export class Room extends Emitter {
     await this.#connect();
   }
 
-  async #connect() {
+  async #connect({ rejoin = false } = {}) {
     this.#newSubscriber();
+    // Events can overtake the reply to rtc_join: whoever joins meanwhile is announced by an event,
+    // and the reply's list (taken when our join was applied) does not name them.
+    this.#joinedSince = new Set();
     const joined = await this.#client.request('rtc_join', { call_id: this.callId });
     if (this.#closed) return;
-    const present = new Set();
+    const present = new Set(this.#joinedSince);
+    this.#joinedSince = null;
     for (const p of joined.participants ?? []) {
       present.add(p.user_id);
       const known = this.#addParticipant(p.user_id, true);
-      known.tracks.clear();
       for (const t of p.tracks ?? []) known.tracks.set(t.track_id, t);
     }
     // After a rejoin: whoever left while we were away.
-    for (const uid of [...this.participants.keys()]) if (!present.has(uid)) this.#removeParticipant(uid);
+    if (rejoin) for (const uid of [...this.participants.keys()]) if (!present.has(uid)) this.#removeParticipant(uid, { rejoin: true });
     await this.#publish();
   }
 
@@ -882,7 +887,7 @@ export class Room extends Emitter {
       for (const mid of [...this.#bound.keys()]) this.#unbind(mid);
       this.#closePcs();
       try {
-        await this.#connect();
+        await this.#connect({ rejoin: true });
       } catch (e) {
         this.emit('error', e);
         if (e.code === 'invalid_state' || e.code === 'call_not_found') this._teardown('failed');
@@ -991,24 +996,24 @@ export class Room extends Emitter {
   // Binds each receiving transceiver to the user and track its m-section's msid names.
   #reconcile() {
     const pc = this.#sub;
-    if (!pc) return;
-    const seen = new Set();
+    // Mid-negotiation the directions are in flux; the negotiation reconciles when it completes.
+    if (!pc || pc.signalingState !== 'stable') return;
     for (const tr of pc.getTransceivers()) {
       const mid = tr.mid;
       if (mid == null) continue;
       const info = this.#midMap.get(mid);
-      const receiving = info && info.userId && info.userId !== '-' && info.direction !== 'inactive'
-        && tr.currentDirection !== 'inactive' && tr.currentDirection !== 'stopped';
+      // Only tracks of participants we know and tracks not unpublished since: a negotiation that
+      // started before a track_unpublished or participant_left must not bring them back.
+      const receiving = info && this.participants.has(info.userId) && !this.#goneTracks.has(info.trackId)
+        && info.direction !== 'inactive' && tr.currentDirection !== 'inactive' && tr.currentDirection !== 'stopped';
       const prev = this.#bound.get(mid);
       if (prev && (!receiving || prev.trackId !== info.trackId || prev.userId !== info.userId)) {
         this.#unbind(mid);
       }
-      if (!receiving) continue;
-      seen.add(mid);
-      if (this.#bound.has(mid)) continue;
+      if (!receiving || this.#bound.has(mid)) continue;
       const track = tr.receiver.track;
       const userId = info.userId;
-      const p = this.#addParticipant(userId, false);
+      const p = this.participants.get(userId);
       for (const t of p.stream.getTracks()) if (t.kind === track.kind) p.stream.removeTrack(t);
       p.stream.addTrack(track);
       this.#bound.set(mid, { userId, trackId: info.trackId, kind: track.kind, track });
@@ -1088,7 +1093,9 @@ export class Room extends Emitter {
         this.#remoteCandidate(d.target, d.candidate);
         return;
       case 'participant_joined':
+        this.#joinedSince?.add(d.user_id);
         this.#addParticipant(d.user_id, false);
+        this.#reconcile();
         return;
       case 'participant_left':
         if (d.user_id === this.#client.userId) {
@@ -1099,10 +1106,12 @@ export class Room extends Emitter {
         return;
       case 'track_published': {
         const p = this.#addParticipant(d.user_id, false);
+        this.#goneTracks.delete(d.track_id);
         p.tracks.set(d.track_id, { track_id: d.track_id, user_id: d.user_id, kind: d.kind, mid: d.mid, rids: d.rids ?? [] });
         break;
       }
       case 'track_unpublished': {
+        this.#goneTracks.add(d.track_id);
         this.participants.get(d.user_id)?.tracks.delete(d.track_id);
         this.resolutions.delete(d.track_id);
         for (const [mid, b] of this.#bound) if (b.trackId === d.track_id) this.#unbind(mid);
@@ -1136,13 +1145,15 @@ export class Room extends Emitter {
     return p;
   }
 
-  #removeParticipant(userId) {
+  // `rejoin`: not announced by the server, but missing when we joined again; they may well be on
+  // their way back too.
+  #removeParticipant(userId, { rejoin = false } = {}) {
     const p = this.participants.get(userId);
     if (!p) return;
     for (const [mid, b] of this.#bound) if (b.userId === userId) this.#unbind(mid);
     for (const id of p.tracks.keys()) this.resolutions.delete(id);
     this.participants.delete(userId);
-    this.emit('participant_left', { call_id: this.callId, user_id: userId });
+    this.emit('participant_left', rejoin ? { call_id: this.callId, user_id: userId, rejoin } : { call_id: this.callId, user_id: userId });
   }
 
   /** The resolution the server measured of the layer closest to `height`, or the largest. */
