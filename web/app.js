@@ -286,7 +286,9 @@ function historyRow(c, me) {
   const anyAccepted = c.users.some((u) => u.user_id !== c.caller && (u.state === 'accepted' || u.state === 'quit'));
   let status;
   let kind = 'ok';
-  if (c.state === 'started') status = 'In progress';
+  // A one-to-one call stays open on the server a little after both hung up; for us it is over.
+  const live = c.state === 'started' && (app.call?.callId === c.call_id || !app.left.has(c.call_id));
+  if (live) status = 'In progress';
   else if (outgoing) {
     if (anyAccepted) status = 'Outgoing';
     else {
@@ -399,7 +401,7 @@ async function startCall(type) {
     input.focus();
   };
   if (!ids.length) return invalid('Enter the user ID of the person to call.');
-  if (bad.length) return invalid(`Not a valid user ID: ${bad.join(', ')}. Use letters, digits and _ . @ -.`);
+  if (bad.length) return invalid(`${bad.map((b) => `“${b}”`).join(', ')} ${bad.length > 1 ? 'are not valid user IDs' : 'is not a valid user ID'}: use letters, digits and _ . @ - only.`);
   if (ids.length === 1 && ids[0] === app.me.id) return invalid('You cannot call yourself. Open a second window and sign in as someone else.');
   const invitees = ids.filter((id) => id !== app.me.id);
   if (invitees.length > 9) return invalid('A call can have at most 9 invitees.');
@@ -1155,7 +1157,9 @@ function layoutGrid() {
   const grid = $('grid');
   const n = c ? c.tiles.size : 1;
   grid.dataset.count = String(n);
-  grid.classList.toggle('pip', n === 2);
+  // Two people on video: the other fills the stage and I am a picture-in-picture; voice calls keep
+  // two equal tiles.
+  grid.classList.toggle('pip', n === 2 && c?.type === 'video');
   // Tiles change size with the layout; the grid's own size may not.
   requestAnimationFrame(() => {
     for (const t of app.call?.tiles.values() ?? []) t.fitLayer();
@@ -1235,7 +1239,7 @@ async function submitInvite(e) {
   const ids = parseIds($('invite-input').value).filter((id) => id !== app.me.id);
   const bad = ids.filter((id) => !USER_ID.test(id));
   if (!ids.length) return fail('Enter at least one user ID.');
-  if (bad.length) return fail(`Not a valid user ID: ${bad.join(', ')}.`);
+  if (bad.length) return fail(`${bad.map((b) => `“${b}”`).join(', ')} ${bad.length > 1 ? 'are not valid user IDs' : 'is not a valid user ID'}.`);
   const already = ids.filter((id) => ['accepted', ...RINGING].includes(c.states.get(id)));
   const fresh = ids.filter((id) => !already.includes(id));
   if (!fresh.length) return fail(`${joinNames(already.map(nameOf))} ${already.length > 1 ? 'are' : 'is'} already in this call.`);

@@ -145,10 +145,36 @@ export class TestServer {
 export const DESKTOP = { width: 1280, height: 800 };
 export const PHONE = { width: 390, height: 844 };
 
+// Chromium's fake microphone only beeps briefly once a second, which an active-speaker detector
+// rightly ignores. A user created with `speaking: true` talks instead: the microphone track their
+// page gets is a steady tone from WebAudio (no audio processing applies to it), so the server hears
+// them through the audio-level header extension as a speaker would be heard.
+const SPEAK = `(() => {
+  const md = navigator.mediaDevices;
+  const original = md.getUserMedia.bind(md);
+  md.getUserMedia = async (constraints) => {
+    const stream = await original(constraints);
+    if (!constraints || !constraints.audio) return stream;
+    const ctx = new AudioContext();
+    const osc = ctx.createOscillator();
+    osc.frequency.value = 220;
+    const gain = ctx.createGain();
+    gain.gain.value = 0.3;
+    const out = ctx.createMediaStreamDestination();
+    osc.connect(gain).connect(out);
+    osc.start();
+    await ctx.resume().catch(() => {});
+    for (const t of stream.getAudioTracks()) { stream.removeTrack(t); t.stop(); }
+    stream.addTrack(out.stream.getAudioTracks()[0]);
+    return stream;
+  };
+})();`;
+
 /** One person in one fresh browser context (its own cookies, storage and permissions). */
 export class User {
-  constructor(t, { id, name, viewport = DESKTOP, query = '', device }) {
+  constructor(t, { id, name, viewport = DESKTOP, query = '', device, speaking = false }) {
     this.t = t;
+    this.speaking = speaking;
     this.id = id;
     /** Names the page in screenshots and logs: the user ID, or `<id>-<device>` for a second device. */
     this.label = device ? `${id}-${device}` : id;
@@ -168,6 +194,7 @@ export class User {
       baseURL: server.url,
     });
     if (process.env.SWITCHBOARD_WEB_FROM_DISK === '1') await serveWebFromDisk(this.context);
+    if (this.speaking) await this.context.addInitScript(SPEAK);
     this.page = await this.context.newPage();
     this.page.on('console', (m) => this.logs.push(`[${m.type()}] ${m.text()}`));
     this.page.on('pageerror', (e) => {

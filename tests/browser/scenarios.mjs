@@ -31,7 +31,7 @@ export const scenarios = [
     title: 'Alice video-calls Bob; Bob accepts; each sees the other; the server measures both',
     async run(t) {
       const alice = await t.user({ id: 'alice', name: 'Alice Martin' });
-      const bob = await t.user({ id: 'bob', name: 'Bob Chen', viewport: PHONE });
+      const bob = await t.user({ id: 'bob', name: 'Bob Chen', viewport: PHONE, speaking: true });
       await alice.shot('sign-in');
       await bob.shot('sign-in');
       await alice.signIn();
@@ -72,6 +72,10 @@ export const scenarios = [
       } else {
         t.log('no billing_tier event yet: the tier badge stays hidden');
       }
+      // Bob talks: the server hears him through the audio-level extension and names him in
+      // active_speakers; Alice's page highlights his tile (and Bob's his own).
+      await alice.page.locator('.tile[data-user="bob"].speaking').waitFor({ timeout: 15_000 });
+      await bob.page.locator('.tile[data-user="bob"].speaking').waitFor({ timeout: 5000 });
       await alice.shot('in-call');
       await bob.shot('in-call');
 
@@ -84,6 +88,8 @@ export const scenarios = [
       await alice.expectVideoFrom('bob');
       await click(bob, 'Mute microphone');
       assert(await bob.page.locator('#toggle-mic').getAttribute('aria-pressed') === 'true', 'mute button is not pressed');
+      // Muted, Bob sends silence: he stops being the active speaker.
+      await alice.page.locator('.tile[data-user="bob"].speaking').waitFor({ state: 'detached', timeout: 10_000 });
       await bob.shot('muted');
 
       await click(alice, 'Hang up');
@@ -198,7 +204,7 @@ export const scenarios = [
     title: 'Group call: Maya calls Noah and Olga, invites Olga again during the call; Noah hangs up, the others go on',
     async run(t) {
       const maya = await t.user({ id: 'maya', name: 'Maya Singh' });
-      const noah = await t.user({ id: 'noah', name: 'Noah Weber' });
+      const noah = await t.user({ id: 'noah', name: 'Noah Weber', speaking: true });
       const olga = await t.user({ id: 'olga', name: 'Olga Ivanova', viewport: PHONE });
       await maya.signIn();
       await noah.signIn();
@@ -235,6 +241,7 @@ export const scenarios = [
       for (const [u, others] of [[maya, ['noah', 'olga']], [noah, ['maya', 'olga']], [olga, ['maya', 'noah']]]) {
         for (const o of others) await u.expectVideoFrom(o);
       }
+      await olga.page.locator('.tile[data-user="noah"].speaking').waitFor({ timeout: 10_000 });
       await maya.shot('three');
       await noah.shot('three');
       await olga.shot('three');
@@ -276,7 +283,7 @@ export const scenarios = [
       assert(/cannot call yourself/.test(e2), `self-call error reads “${e2}”`);
       await quinn.call('bob smith!', 'video');
       const e3 = await text(quinn, '#call-error');
-      assert(/Not a valid user ID: smith!/.test(e3), `bad-ID error reads “${e3}”`);
+      assert(/“smith!” is not a valid user ID/.test(e3), `bad-ID error reads “${e3}”`);
       await quinn.shot('bad-callee');
 
       // The SDK, driven directly in the page, with two more users.
