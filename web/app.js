@@ -201,8 +201,18 @@ async function startSession(token, name) {
 }
 
 function signOut(message) {
-  if (app.call) teardownCall();
-  if (app.outgoing) clearOutgoing();
+  // Hang up first (quietly): the others should not wait for the server to notice we are gone.
+  if (app.call) {
+    const { callId, mode, room } = app.call;
+    const sb = app.sb;
+    teardownCall();
+    room?.leave();
+    if (mode === 'advanced') sb?.callQuit(callId).catch(() => {});
+  }
+  if (app.outgoing) {
+    app.sb?.callCancel(app.outgoing.callId).catch(() => {});
+    clearOutgoing();
+  }
   for (const inv of [...app.incoming]) closeIncoming(inv.call_id);
   const sb = app.sb;
   app.sb = null;
@@ -522,6 +532,7 @@ async function cancelOutgoing() {
   if (!o) return;
   const btn = $('cancel-call');
   btn.disabled = true;
+  o.cancelling = true;
   try {
     await app.sb.callCancel(o.callId);
     if (app.outgoing === o) endOutgoing('Call cancelled.');
@@ -688,6 +699,7 @@ function onCallEnded(d) {
       timeout: [`No answer from ${who}.`, 'timeout'],
       admin: ['An administrator ended the call.', 'ended'],
       server_shutdown: ['The server is restarting. Please call again in a moment.', 'ended'],
+      cancelled: [app.outgoing.cancelling ? 'Call cancelled.' : null, null],
     }[d.reason] ?? [null, null];
     endOutgoing(...msg);
   }
