@@ -155,6 +155,25 @@ async fn invite_accept_join_publish_and_each_receives_the_others_media_billed_by
         sizes.contains(&(640, 360)) && sizes.contains(&(320, 240)),
         "{sizes:?}"
     );
+    // Both measured layers (640x360 and 320x240) are in the `hd` class on /metrics. (The registry is
+    // shared by the tests of this binary, which may run at the same time: at least these two.)
+    let metrics = reqwest::get(s.http("/metrics"))
+        .await
+        .expect("http")
+        .text()
+        .await
+        .expect("text");
+    let hd_layers = switchboard::loadtest::signaling::metric_value(
+        &metrics.replace(
+            "switchboard_layers_by_resolution{class=\"hd\"}",
+            "hd_layers",
+        ),
+        "hd_layers",
+    );
+    assert!(
+        hd_layers.is_some_and(|n| n >= 2.0),
+        "hd layers: {hd_layers:?}"
+    );
     let (_, one) = s.admin_get(&format!("/v1/calls/{call_id}")).await;
     assert_eq!(
         one["room"]["participants"].as_array().map(Vec::len),
