@@ -190,13 +190,13 @@ impl MediaPlane {
                         "the server is draining for a restart; try again in a moment",
                     ));
                 }
-                self.joined
-                    .insert((a.call_id.clone(), user.clone()), session);
                 let r = self
                     .sfu
                     .join(a.call_id.clone(), user.clone(), session)
                     .await
                     .map_err(api)?;
+                self.joined
+                    .insert((a.call_id.clone(), user.clone()), session);
                 // The user may have quit or the call ended while the join ran: undo it.
                 if self.hub.may_join_room(session, &a.call_id).is_err() {
                     let _ = self.sfu.leave(&a.call_id, &user).await;
