@@ -792,6 +792,7 @@ impl StoreThread {
 /// Writes every call of the batch in one transaction (the last record of a call wins), then runs the
 /// continuations and closures in the order they were queued.
 fn run_batch(store: &mut Store, mut batch: Vec<Job>) {
+    metrics::histogram!(crate::metrics::STORAGE_BATCH).record(batch.len() as f64);
     let mut latest: HashMap<CallId, CallRecord> = HashMap::new();
     let mut events: Vec<OutboxEvent> = Vec::new();
     for job in &mut batch {

@@ -599,19 +599,43 @@ impl Hub {
     }
 }
 
+/// Metrics and one log line per call lifecycle event (IDs only: never tokens or extended data).
 fn record_notice(n: &Notice) {
     match n {
-        Notice::CallStarted { .. } => {
+        Notice::CallStarted {
+            call_id,
+            caller,
+            mode,
+        } => {
             metrics::counter!(m::CALLS_STARTED).increment(1);
             metrics::gauge!(m::CALLS_ACTIVE).increment(1.0);
+            tracing::info!(call_id = %call_id, caller = %caller, mode = mode.as_str(), "call started");
         }
-        Notice::CallEnded { reason, .. } => {
+        Notice::CallEnded {
+            call_id,
+            reason,
+            users,
+        } => {
             metrics::counter!(m::CALLS_ENDED, "reason" => reason.as_str()).increment(1);
             metrics::gauge!(m::CALLS_ACTIVE).decrement(1.0);
+            let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
+            tracing::info!(call_id = %call_id, reason = reason.as_str(), users = ?users, "call ended");
         }
-        Notice::InviteeOutcome { state, .. } => {
+        Notice::InviteeOutcome {
+            call_id,
+            user_id,
+            state,
+        } => {
             metrics::counter!(m::INVITEE_OUTCOMES, "state" => state.as_str()).increment(1);
+            tracing::info!(call_id = %call_id, user_id = %user_id, state = state.as_str(), "invitee answered");
         }
-        Notice::InviteeOffline { .. } => {}
+        Notice::InviteeOffline {
+            call_id,
+            user_id,
+            inviter,
+            ..
+        } => {
+            tracing::info!(call_id = %call_id, user_id = %user_id, inviter = %inviter, "invitee offline");
+        }
     }
 }

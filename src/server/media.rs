@@ -25,6 +25,9 @@ pub struct Sink {
     hub: Arc<Hub>,
     biller: Biller,
     webhooks: bool,
+    /// The resolution class (billing tier name of the layer alone) of each measured layer, for the
+    /// `switchboard_layers_by_resolution` gauge.
+    layers: std::sync::Mutex<std::collections::HashMap<(CallId, String, String), String>>,
 }
 
 impl Sink {
@@ -35,6 +38,54 @@ impl Sink {
             hub,
             biller,
             webhooks,
+            layers: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Keeps the layers-by-class gauge: a layer measured or changed moves between classes; a track
+    /// unpublished (or its room closed) takes its layers out.
+    fn count_layers(&self, event: &RtcEvent) {
+        let Ok(mut layers) = self.layers.lock() else {
+            return;
+        };
+        let tiers = &self.hub.config().billing.tiers;
+        let moved = |old: Option<String>, new: Option<&str>| {
+            if let Some(o) = old {
+                metrics::gauge!(crate::metrics::LAYERS_BY_CLASS, "class" => o).decrement(1.0);
+            }
+            if let Some(n) = new {
+                metrics::gauge!(crate::metrics::LAYERS_BY_CLASS, "class" => n.to_owned())
+                    .increment(1.0);
+            }
+        };
+        match event {
+            RtcEvent::TrackResolution {
+                call_id,
+                track_id,
+                rid,
+                width,
+                height,
+            } => {
+                let pixels = u64::from(*width) * u64::from(*height);
+                let class = tiers
+                    .get(crate::billing::tier_index(tiers, pixels))
+                    .map_or("", |t| t.name.as_str());
+                let key = (call_id.clone(), track_id.to_string(), rid.clone());
+                let old = layers.insert(key, class.to_owned());
+                moved(old, Some(class));
+            }
+            RtcEvent::TrackUnpublished { call_id, track, .. } => {
+                let track_id = track.track_id.to_string();
+                let gone: Vec<_> = layers
+                    .keys()
+                    .filter(|(c, t, _)| c == call_id && *t == track_id)
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    moved(layers.remove(&k), None);
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -55,7 +106,9 @@ impl MediaSink for Sink {
     }
 
     fn room_event(&self, event: &RtcEvent) {
-        if !self.webhooks {
+        self.count_layers(event);
+        // Resolution changes are for metrics; operators get the room events.
+        if !self.webhooks || matches!(event, RtcEvent::TrackResolution { .. }) {
             return;
         }
         let ev = crate::webhooks::event(event.name(), now_ms(), event.data());
@@ -137,13 +190,13 @@ impl MediaPlane {
                         "the server is draining for a restart; try again in a moment",
                     ));
                 }
-                self.joined
-                    .insert((a.call_id.clone(), user.clone()), session);
                 let r = self
                     .sfu
                     .join(a.call_id.clone(), user.clone(), session)
                     .await
                     .map_err(api)?;
+                self.joined
+                    .insert((a.call_id.clone(), user.clone()), session);
                 // The user may have quit or the call ended while the join ran: undo it.
                 if self.hub.may_join_room(session, &a.call_id).is_err() {
                     let _ = self.sfu.leave(&a.call_id, &user).await;

@@ -33,8 +33,6 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// No frame for twice the heartbeat interval.
     pub const HEARTBEAT: u16 = 4000;
-    /// The same user joined the same room from another session (media).
-    pub const REPLACED: u16 = 4001;
 }
 
 /// A token bucket: `rate` per second, at most `burst` at once.

@@ -303,7 +303,8 @@ pub trait MediaSink: Send + Sync + 'static {
     /// What each subscriber is being forwarded, in time order per room.
     fn consumer_changed(&self, update: ConsumerUpdate);
     /// A room-level event, once per occurrence whoever it is delivered to: participant joined or
-    /// left, track published or unpublished (for operator webhooks).
+    /// left, track published or unpublished, a layer's resolution measured or changed (for operator
+    /// webhooks and metrics).
     fn room_event(&self, _event: &RtcEvent) {}
 }
 

@@ -1561,6 +1561,13 @@ impl Worker {
                     report(&**sink, &room_id, &p.user, c, Forwarding::Video(res), at_ms);
                 }
             }
+            sink.room_event(&RtcEvent::TrackResolution {
+                call_id: room_id.clone(),
+                track_id: track_id.clone(),
+                rid,
+                width: res.width,
+                height: res.height,
+            });
         }
         let resolution = layer.resolution;
         let keyframe_start = track
