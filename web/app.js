@@ -118,7 +118,22 @@ function showSignIn(message) {
   const err = $('signin-error');
   err.hidden = !message;
   err.textContent = message ?? '';
-  $('signin-user').focus();
+  (app.tokenMode ? $('signin-token') : $('signin-user')).focus();
+}
+
+// Sign in with a pasted token instead of a user ID (the only way outside development mode).
+function setTokenMode(on) {
+  app.tokenMode = on;
+  $('token-field').hidden = !on;
+  $('user-field').hidden = on;
+  $('name-field').hidden = on;
+  $('token-toggle').textContent = on ? 'Sign in with a user ID instead' : 'I have an access token';
+  $('token-toggle').hidden = on && app.devTokens === false;
+  $('signin-lead').textContent = on
+    ? 'Paste the access token you were given. It says who you are.'
+    : 'Pick a user ID that others can call you by.';
+  $('signin-error').hidden = true;
+  for (const el of [$('signin-user'), $('signin-token')]) el.removeAttribute('aria-invalid');
 }
 
 async function onSignIn(e) {
@@ -128,7 +143,7 @@ async function onSignIn(e) {
   const submit = $('signin-submit');
   const userId = $('signin-user').value.trim();
   const name = $('signin-name').value.trim();
-  const pasted = $('signin-token').value.trim();
+  const pasted = app.tokenMode ? $('signin-token').value.trim() : '';
   const fail = (msg, field) => {
     err.textContent = msg;
     err.hidden = false;
@@ -136,6 +151,11 @@ async function onSignIn(e) {
     field?.focus();
   };
   $('signin-user').removeAttribute('aria-invalid');
+  $('signin-token').removeAttribute('aria-invalid');
+  if (app.tokenMode && !pasted) {
+    fail('Paste an access token.', $('signin-token'));
+    return;
+  }
   let token = pasted;
   submit.disabled = true;
   submit.setAttribute('aria-busy', 'true');
@@ -157,8 +177,9 @@ async function onSignIn(e) {
         return;
       }
       if (r.status === 404) {
-        $('token-field').hidden = false;
-        fail('This server is not in development mode, so it does not hand out tokens. Paste an access token below.', $('signin-token'));
+        app.devTokens = false;
+        setTokenMode(true);
+        fail('This server is not in development mode, so it does not hand out tokens: sign in with an access token.', $('signin-token'));
         return;
       }
       const body = await r.json().catch(() => ({}));
@@ -168,8 +189,8 @@ async function onSignIn(e) {
       }
       token = body.token;
     }
-    const ok = await startSession(token, name);
-    if (!ok) return;
+    const ok = await startSession(token, app.tokenMode ? '' : name);
+    if (!ok && app.tokenMode) $('signin-token').setAttribute('aria-invalid', 'true');
   } finally {
     submit.disabled = false;
     submit.removeAttribute('aria-busy');
@@ -1283,6 +1304,10 @@ function bind() {
   fillIcons();
   $('home-notice-close').replaceChildren(icon('close', { size: 18 }));
   $('signin-form').addEventListener('submit', onSignIn);
+  $('token-toggle').addEventListener('click', () => {
+    setTokenMode(!app.tokenMode);
+    (app.tokenMode ? $('signin-token') : $('signin-user')).focus();
+  });
   $('sign-out').addEventListener('click', () => signOut());
   $('call-form').addEventListener('submit', (e) => {
     e.preventDefault();

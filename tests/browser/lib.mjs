@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { randomBytes } from 'node:crypto';
 
 const execFileP = promisify(execFile);
 const WEB_DIR = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', 'web');
@@ -68,10 +69,23 @@ export async function waitUntil(fn, { timeout = 10_000, every = 200, what = 'con
 
 /** The real server binary in dev mode, on a free port, with its database in a temp directory. */
 export class TestServer {
-  constructor({ bin, logPath }) {
+  /** `dev: false` runs a production-mode server with a random secret (no dev tokens). */
+  constructor({ bin, logPath, dev = true }) {
     this.bin = bin;
     this.logPath = logPath;
+    this.dev = dev;
     this.proc = null;
+  }
+
+  get #serveArgs() {
+    return this.dev ? ['serve', '--dev'] : ['serve'];
+  }
+
+  /** A user token, made by the binary as an operator would (`switchboard token`). */
+  async token(user, name) {
+    const args = ['token', ...(this.dev ? ['--dev'] : []), '--user', user, ...(name ? ['--name', name] : [])];
+    const { stdout } = await execFileP(this.bin, args, { env: this.env });
+    return stdout.trim().split(/\s+/).pop();
   }
 
   async start() {
@@ -93,8 +107,9 @@ export class TestServer {
       SWITCHBOARD_SERVER_DRAIN_TIMEOUT: '1',
       RUST_LOG: process.env.RUST_LOG ?? 'info',
     };
+    if (!this.dev) this.env.SWITCHBOARD_AUTH_SECRET = randomBytes(32).toString('hex');
     const log = createWriteStream(this.logPath);
-    this.proc = spawn(this.bin, ['serve', '--dev'], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    this.proc = spawn(this.bin, this.#serveArgs, { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] });
     this.proc.stdout.pipe(log);
     this.proc.stderr.pipe(log);
     this.exited = new Promise((resolve) => this.proc.on('exit', (code, signal) => resolve({ code, signal })));
@@ -103,7 +118,7 @@ export class TestServer {
       throw new Error(`the server exited (${signal ?? code}) while starting; see ${this.logPath}`);
     });
     await Promise.race([up, died]);
-    const { stdout } = await execFileP(this.bin, ['token', '--dev', '--user', 'ops', '--admin'], { env: this.env });
+    const { stdout } = await execFileP(this.bin, ['token', ...(this.dev ? ['--dev'] : []), '--user', 'ops', '--admin'], { env: this.env });
     this.adminToken = stdout.trim().split(/\s+/).pop();
     return this;
   }
@@ -124,7 +139,7 @@ export class TestServer {
     this.proc.kill('SIGKILL');
     await this.exited;
     const log = createWriteStream(this.logPath, { flags: 'a' });
-    this.proc = spawn(this.bin, ['serve', '--dev'], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    this.proc = spawn(this.bin, this.#serveArgs, { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] });
     this.proc.stdout.pipe(log);
     this.proc.stderr.pipe(log);
     this.exited = new Promise((resolve) => this.proc.on('exit', (code, signal) => resolve({ code, signal })));
@@ -172,8 +187,9 @@ const SPEAK = `(() => {
 
 /** One person in one fresh browser context (its own cookies, storage and permissions). */
 export class User {
-  constructor(t, { id, name, viewport = DESKTOP, query = '', device, speaking = false }) {
+  constructor(t, { id, name, viewport = DESKTOP, query = '', device, speaking = false, server }) {
     this.t = t;
+    this.server = server ?? t.server;
     this.speaking = speaking;
     this.id = id;
     /** Names the page in screenshots and logs: the user ID, or `<id>-<device>` for a second device. */
@@ -186,7 +202,8 @@ export class User {
   }
 
   async open() {
-    const { browser, server } = this.t;
+    const { browser } = this.t;
+    const { server } = this;
     this.context = await browser.newContext({
       viewport: this.viewport,
       deviceScaleFactor: 1,

@@ -80,6 +80,7 @@ async function runOne(s, { server, browser }) {
   const dir = join(out, s.name);
   await mkdir(dir, { recursive: true });
   const users = [];
+  const servers = [];
   let n = 0;
   const t = {
     server,
@@ -98,6 +99,12 @@ async function runOne(s, { server, browser }) {
       await user.page.screenshot({ path: file, animations: 'disabled' });
     },
     log: (msg) => console.log(`    ${msg}`),
+    /** Another server, just for this scenario (e.g. `{dev: false}`); stopped at its end. */
+    async startServer(opts) {
+      const s = new TestServer({ bin, logPath: join(dir, `server-${servers.length + 1}.log`), ...opts });
+      servers.push(s);
+      return s.start();
+    },
   };
   const started = Date.now();
   process.stdout.write(`\n● ${s.name}: ${s.title}\n`);
@@ -118,6 +125,7 @@ async function runOne(s, { server, browser }) {
     }
   } finally {
     for (const u of users) await u.close();
+    for (const srv of servers) await srv.stop().catch(() => {});
   }
   const secs = ((Date.now() - started) / 1000).toFixed(1);
   console.log(ok ? `  ✓ passed in ${secs} s` : `  ✗ failed after ${secs} s`);

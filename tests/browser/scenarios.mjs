@@ -367,6 +367,32 @@ export const scenarios = [
   },
 
   {
+    name: 'token-sign-in',
+    title: 'Outside development mode the page asks for a token; a bad one is refused, a good one signs in',
+    async run(t) {
+      const server = await t.startServer({ dev: false });
+      const yan = await t.user({ id: 'yan', name: 'Yan Li', server });
+      const p = yan.page;
+      await p.getByLabel('User ID', { exact: true }).fill('yan');
+      await p.getByRole('button', { name: 'Sign in' }).click();
+      await p.getByLabel('Access token').waitFor({ state: 'visible' });
+      const e1 = await text(yan, '#signin-error');
+      assert(/not in development mode/.test(e1), `the page says “${e1}”`);
+      assert(!(await p.getByLabel('User ID', { exact: true }).isVisible()), 'the user ID field is still shown');
+      await yan.shot('paste-token');
+      await p.getByLabel('Access token').fill('eyJhbGciOiJIUzI1NiJ9.e30.bad');
+      await p.getByRole('button', { name: 'Sign in' }).click();
+      await waitUntil(async () => /refused/.test(await text(yan, '#signin-error')), { what: 'the bad token to be refused' });
+      await yan.shot('bad-token');
+      await p.getByLabel('Access token').fill(await server.token('yan', 'Yan Li'));
+      await p.getByRole('button', { name: 'Sign in' }).click();
+      await yan.view('home');
+      assert((await text(yan, '#me-name')) === 'Yan Li', 'the name from the token is not shown');
+      await yan.shot('signed-in');
+    },
+  },
+
+  {
     name: 'multi-device',
     title: 'Tom answers on his laptop: the invitation on his phone stops ringing',
     async run(t) {
