@@ -159,14 +159,10 @@ mod tests {
                 HeaderValue::from_str(tag).expect("ascii"),
             );
         }
-        serve_asset(
-            Uri::from_maybe_shared(path.to_owned()).expect("uri"),
-            headers,
-        )
-        .await
+        serve_asset(Uri::try_from(path).expect("uri"), headers).await
     }
 
-    fn header_of<'a>(r: &'a Response, name: header::HeaderName) -> &'a str {
+    fn header_of(r: &Response, name: header::HeaderName) -> &str {
         r.headers()
             .get(name)
             .and_then(|v| v.to_str().ok())
