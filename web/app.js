@@ -858,14 +858,29 @@ class Tile {
   }
 
   // Asks the server for the simulcast layer that fills this tile and no more: a phone's small
-  // tile does not need 720p, and what a user receives is what they are billed for.
+  // tile does not need 720p, and what a user receives is what they are billed for. While the page
+  // is hidden nobody sees the video, so it is paused (the sound goes on).
   fitLayer() {
     const room = app.call?.room;
     if (this.local || !room || !this.trackId) return;
+    const send = (key, opts) => {
+      if (this.cap === key) return;
+      this.cap = key;
+      room.setSubscription(this.trackId, opts).catch(() => {
+        this.cap = null;
+      });
+    };
+    if (document.hidden) {
+      send(`${this.trackId}:paused`, { enabled: false });
+      return;
+    }
     const layers = [...(room.resolutions.get(this.trackId)?.values() ?? [])]
       .filter((l) => l.width > 0 && l.height > 0)
       .sort((a, b) => a.width * a.height - b.width * b.height);
-    if (!layers.length) return;
+    if (!layers.length) {
+      if (this.cap?.endsWith(':paused')) send(`${this.trackId}:any`, { enabled: true });
+      return;
+    }
     const rect = this.el.getBoundingClientRect();
     if (!rect.width || !rect.height) return;
     const dpr = window.devicePixelRatio || 1;
@@ -876,12 +891,7 @@ class Tile {
     const shownH = cover ? Math.max(h, w / aspect) : Math.min(h, w / aspect);
     const shownW = shownH * aspect;
     const pick = layers.find((l) => l.width >= shownW * 0.85 && l.height >= shownH * 0.85) ?? top;
-    const key = `${this.trackId}:${pick.width}x${pick.height}`;
-    if (this.cap === key) return;
-    this.cap = key;
-    room.setSubscription(this.trackId, { enabled: true, maxWidth: pick.width, maxHeight: pick.height }).catch(() => {
-      this.cap = null;
-    });
+    send(`${this.trackId}:${pick.width}x${pick.height}`, { enabled: true, maxWidth: pick.width, maxHeight: pick.height });
   }
 
   destroy() {
@@ -1336,6 +1346,9 @@ function bind() {
     if (e.target.closest?.('input, textarea, dialog[open]')) return;
     if (e.key === 'm' || e.key === 'M') toggleMic();
     else if ((e.key === 'v' || e.key === 'V') && app.call.type === 'video') toggleCamera();
+  });
+  document.addEventListener('visibilitychange', () => {
+    for (const t of app.call?.tiles.values() ?? []) t.fitLayer();
   });
   window.addEventListener('pagehide', () => {
     // Leave cleanly when the tab closes; the server would notice anyway, only later.

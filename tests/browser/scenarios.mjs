@@ -21,6 +21,23 @@ function measuredParticipants(room) {
     .map((p) => p.user_id);
 }
 
+// What `user` receives of `from`'s video, per the admin API: `{enabled, max_width, max_height, layer}`.
+async function subscription(t, callId, user, from) {
+  const r = await t.server.admin(`/v1/rooms/${encodeURIComponent(callId)}`);
+  const ps = r.body?.participants ?? [];
+  const track = ps.find((p) => p.user_id === from)?.tracks.find((tr) => tr.kind === 'video');
+  return ps.find((p) => p.user_id === user)?.subscriptions.find((s) => s.track_id === track?.track_id) ?? null;
+}
+
+// Pretends the page went to the background (or came back), as switching tabs does.
+function setHidden(user, hidden) {
+  return user.page.evaluate((h) => {
+    Object.defineProperty(document, 'hidden', { configurable: true, get: () => h });
+    Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => (h ? 'hidden' : 'visible') });
+    document.dispatchEvent(new Event('visibilitychange'));
+  }, hidden);
+}
+
 async function expectTileGone(user, userId, { timeout = 8000 } = {}) {
   await user.page.locator(`.tile[data-user="${userId}"]`).waitFor({ state: 'detached', timeout });
 }
@@ -78,6 +95,19 @@ export const scenarios = [
       await bob.page.locator('.tile[data-user="bob"].speaking').waitFor({ timeout: 5000 });
       await alice.shot('in-call');
       await bob.shot('in-call');
+
+      // Alice's page asks for the layer that fits Bob's tile; hidden, it pauses his video; back, it
+      // resumes.
+      const fitted = await waitUntil(async () => {
+        const sub = await subscription(t, callId, 'alice', 'bob');
+        return sub?.enabled && sub.max_width > 0 ? sub : null;
+      }, { what: "Alice's subscription to Bob's video to carry a cap" });
+      t.log(`Alice subscribes to Bob's video capped at ${fitted.max_width}×${fitted.max_height} (layer ${fitted.layer})`);
+      await setHidden(alice, true);
+      await waitUntil(async () => (await subscription(t, callId, 'alice', 'bob'))?.enabled === false, { what: "Bob's video to be paused for Alice" });
+      await setHidden(alice, false);
+      await waitUntil(async () => (await subscription(t, callId, 'alice', 'bob'))?.enabled === true, { what: "Bob's video to resume for Alice" });
+      await alice.expectVideoFrom('bob');
 
       // Camera off: Alice sees Bob's avatar instead of a frozen frame; on again: video returns.
       await click(bob, 'Turn camera off');
@@ -244,6 +274,13 @@ export const scenarios = [
       // Noah talks. (Maya, not Olga: the server sends active_speakers on change only, so Olga, who
       // joined while Noah was already talking, is not told until the set changes.)
       await maya.page.locator('.tile[data-user="noah"].speaking').waitFor({ timeout: 10_000 });
+      // In a grid of three, a tile is about 610×310: Maya's page asks for the 640×360 layer, not 720p.
+      const groupId = await maya.callId();
+      const sub = await waitUntil(async () => {
+        const x = await subscription(t, groupId, 'maya', 'noah');
+        return x?.max_width === 640 ? x : null;
+      }, { what: "Maya's subscription to Noah's video to be capped at 640×360" });
+      t.log(`Maya receives Noah's layer ${sub.layer} (cap ${sub.max_width}×${sub.max_height})`);
       await maya.shot('three');
       await noah.shot('three');
       await olga.shot('three');

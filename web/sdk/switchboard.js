@@ -738,7 +738,8 @@ const PC_CONFIG = { iceServers: [], bundlePolicy: 'max-bundle', rtcpMuxPolicy: '
  * - `track_published` / `track_unpublished`, `active_speakers`, `track_resolution`,
  *   `billing_tier`: the protocol's events, as sent;
  * - `local_stream` `{stream}` when the published camera changes;
- * - `connection` `{publisher, subscriber}`: the peer connections' states;
+ * - `connection` `{publisher, subscriber, signaling}`: the peer connections' states, and whether
+ *   the signaling socket is up;
  * - `closed` `{reason}`: `left`, `replaced` (joined elsewhere), `failed` or `closed`.
  */
 export class Room extends Emitter {
