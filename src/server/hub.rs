@@ -513,6 +513,11 @@ impl Hub {
         self.commit(&mut core, at_ms, out, None);
     }
 
+    /// A user hung up (`rtc_leave`) or joined a call's room again.
+    pub fn hung_up(&self, call_id: &CallId, user: &UserId, hung_up: bool) {
+        self.core().hung_up(call_id, user, hung_up);
+    }
+
     /// Ends a call on the server's authority (admin or drain).
     pub fn end_call(self: &Arc<Self>, call_id: &CallId, reason: EndReason) -> Result<(), ApiError> {
         let now = now_ms();

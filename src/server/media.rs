@@ -197,6 +197,7 @@ impl MediaPlane {
                     .map_err(api)?;
                 self.joined
                     .insert((a.call_id.clone(), user.clone()), session);
+                self.hub.hung_up(&a.call_id, &user, false);
                 // The user may have quit or the call ended while the join ran: undo it.
                 if self.hub.may_join_room(session, &a.call_id).is_err() {
                     let _ = self.sfu.leave(&a.call_id, &user).await;
@@ -262,6 +263,7 @@ impl MediaPlane {
                 }
                 self.joined.remove(&key);
                 self.sfu.leave(&a.call_id, &user).await.map_err(api)?;
+                self.hub.hung_up(&a.call_id, &user, true);
                 Ok(json!({}))
             }
             other => Err(ApiError::bad_request(format!(

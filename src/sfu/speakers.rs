@@ -88,6 +88,11 @@ impl<K: Clone + Eq + Hash + Ord> SpeakerDetector<K> {
         v.into_iter().map(|(k, _)| k.clone()).collect()
     }
 
+    /// The speaking set last reported (what the room's participants currently believe).
+    pub fn last_reported(&self) -> &[K] {
+        &self.last
+    }
+
     /// The speaking set if it changed since the last report and the rate limit allows.
     pub fn poll(&mut self, now: Instant) -> Option<Vec<K>> {
         if let Some(at) = self.last_at

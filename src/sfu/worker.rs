@@ -816,6 +816,17 @@ impl Worker {
                 }
             }
         }
+        // And who is speaking right now, as the others were last told.
+        let speaking = room.speakers.last_reported();
+        if !speaking.is_empty() {
+            self.sink.deliver(
+                session,
+                RtcEvent::ActiveSpeakers {
+                    call_id: room_id.clone(),
+                    user_ids: speaking.to_vec(),
+                },
+            );
+        }
         let count = room.participants.len();
         metrics::gauge!(m::PARTICIPANTS).increment(1.0);
         let now_ms = self.epoch_ms(Instant::now());

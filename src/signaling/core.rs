@@ -272,6 +272,9 @@ struct Room {
     participants: usize,
     /// Since when a general-mode call's room has been empty with nobody ringing.
     empty_since: Option<u64>,
+    /// Users who hung up (left the room with `rtc_leave`) in a general-mode call: they stay
+    /// `accepted` until the call completes, but are not busy.
+    hung_up: Vec<UserId>,
 }
 
 /// The state machine.
@@ -565,7 +568,8 @@ impl Signaling {
         Ok(())
     }
 
-    /// A started call (other than `except`) in which the user rings or is `accepted`.
+    /// A started call (other than `except`) in which the user rings or is `accepted`, not counting a
+    /// general-mode call they hung up on.
     fn busy_call(&self, user: &UserId, except: Option<&CallId>) -> Option<CallId> {
         let p = self.users.get(user)?;
         p.calls
@@ -574,11 +578,34 @@ impl Signaling {
             .find(|id| {
                 self.calls.get(*id).is_some_and(|c| {
                     c.state == CallState::Started
-                        && c.user(user)
-                            .is_some_and(|u| u.state.is_ringing() || u.state == UserState::Accepted)
+                        && c.user(user).is_some_and(|u| {
+                            u.state.is_ringing()
+                                || (u.state == UserState::Accepted
+                                    && !self
+                                        .rooms
+                                        .get(*id)
+                                        .is_some_and(|r| r.hung_up.contains(user)))
+                        })
                 })
             })
             .cloned()
+    }
+
+    /// The media plane reports that a user left a call's room by hanging up (`rtc_leave`), or joined
+    /// it again. In a general-mode call a user who hung up is no longer busy while the call waits for
+    /// its room to stay empty.
+    pub fn hung_up(&mut self, call_id: &CallId, user: &UserId, hung_up: bool) {
+        let general = self
+            .calls
+            .get(call_id)
+            .is_some_and(|c| c.mode == Mode::General);
+        let Some(room) = self.rooms.get_mut(call_id) else {
+            return;
+        };
+        room.hung_up.retain(|u| u != user);
+        if hung_up && general {
+            room.hung_up.push(user.clone());
+        }
     }
 
     fn busy_error(call_id: CallId) -> ApiError {

@@ -1470,3 +1470,29 @@ fn a_drain_refuses_new_calls_and_ends_only_calls_in_progress() {
     h.ok(d, "call_reject", json!({"call_id": ringing}));
     assert_eq!(h.record(&ringing).end_reason, Some(EndReason::Rejected));
 }
+
+#[test]
+fn a_user_who_hung_up_a_general_call_is_not_busy_while_it_completes() {
+    let mut h = H::new();
+    let a = h.connect("alice");
+    let b = h.connect("bob");
+    let c = h.connect("carol");
+    let call = h.invite(a, &["bob"], "general");
+    h.ok(b, "call_accept", json!({"call_id": call}));
+    h.room(&call, 2);
+    let id = CallId::parse(&call).expect("id");
+    // Bob hangs up: the call waits for its room to stay empty, but Bob is free at once.
+    h.core.hung_up(&id, &uid("bob"), true);
+    h.room(&call, 1);
+    let call2 = h.invite(c, &["bob"], "general");
+    assert_eq!(h.state(&call2, "bob"), UserState::Received);
+    h.ok(b, "call_accept", json!({"call_id": call2}));
+    // Alice is still in the room: still busy.
+    let e = h
+        .op(a, "call_invite", json!({"invitees": ["erin"]}))
+        .expect_err("busy");
+    assert_eq!(e.code, ErrorCode::Busy);
+    // Joining again makes Bob part of the call again.
+    h.core.hung_up(&id, &uid("bob"), false);
+    assert!(h.core.may_join_room(&uid("bob"), &id).is_ok());
+}
