@@ -10,6 +10,7 @@
 pub mod billing;
 pub mod http;
 pub mod hub;
+pub mod openapi;
 pub mod session;
 
 use std::future::Future;
@@ -229,6 +230,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/calls/{call_id}", get(http::get_call))
         .route("/v1/calls/{call_id}/end", post(http::end_call))
         .route("/v1/billing/usage", get(http::billing_usage))
+        .route("/v1/openapi.json", get(openapi::openapi))
         .fallback(http::not_found)
         .with_state(state)
 }
