@@ -259,7 +259,8 @@ def run_schemathesis(server, token, excluded, report_dir):
         args += ["--exclude-path", path]
     print("+ schemathesis run", server.base + "/v1/openapi.json", "excluding", ", ".join(excluded), flush=True)
     env = dict(os.environ, NO_COLOR="1", SCHEMATHESIS_HOOKS="")
-    return subprocess.run(args, env=env).returncode
+    # Run in the temporary directory: schemathesis keeps a .schemathesis cache in its working directory.
+    return subprocess.run(args, env=env, cwd=str(report_dir.parent)).returncode
 
 
 def error_contract(server, doc, admin, user):
