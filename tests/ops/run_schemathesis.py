@@ -18,7 +18,7 @@ puts a few real calls in its history (`switchboard loadtest`), mints an admin to
 6. fails if the server died or logged a panic.
 
 Environment: SWITCHBOARD_BIN (default target/release/switchboard), SCHEMATHESIS_MAX_EXAMPLES (default
-60), SCHEMATHESIS_SEED (default fixed, for reproducible CI; "random" for a new one each run).
+100), SCHEMATHESIS_SEED (default fixed, for reproducible CI; "random" for a new one each run).
 Exit status 0 when everything passed.
 """
 
@@ -247,7 +247,7 @@ def run_schemathesis(server, token, excluded, report_dir):
         "--header", f"Authorization: Bearer {token}",
         "--checks", CHECKS,
         "--mode", "all",
-        "--max-examples", os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "60"),
+        "--max-examples", os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "100"),
         "--request-timeout", "10",
         "--workers", "1",
         "--report", "junit",
