@@ -12,7 +12,9 @@ puts a few real calls in its history (`switchboard loadtest`), mints an admin to
    their schemas (positive and negative data, a bounded number of examples, a fixed seed);
 3. sends hand-picked bad requests and checks each answer's status and `{"error":{"code","message"}}`
    body (cases a fuzzer that follows the schema does not reach, such as invalid UTF-8 in a path);
-4. lints GET /metrics with `promtool check metrics` when promtool is installed;
+4. lints GET /metrics with `promtool check metrics`, then scrapes the server with the real Prometheus
+   (Debian's package) with deploy/prometheus/alerts.yml loaded, and evaluates every query of the
+   Grafana dashboard there (each must evaluate; the Sessions stat must count the open sessions);
 5. when POST /v1/admin/drain exists: checks its 401 and 200 answers against the document, and that
    /readyz then answers 503;
 6. fails if the server died or logged a panic.
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -324,6 +327,83 @@ def lint_metrics(server):
     lint_metrics_text(body)
 
 
+def prometheus_dashboard(server, workdir, seeded_sessions):
+    """Runs the real Prometheus (Debian's) against the server with the alert rules loaded, then runs
+    every query of the Grafana dashboard through its HTTP API: each must evaluate without error, and
+    the Sessions stat must show the sessions this run holds open."""
+    prometheus = shutil.which("prometheus")
+    if not prometheus:
+        print("prometheus not installed: live dashboard queries skipped", flush=True)
+        return
+    port = free_port()
+    cfg = workdir / "prometheus.yml"
+    cfg.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{ROOT / 'deploy/prometheus/alerts.yml'}']\n"
+        "scrape_configs:\n"
+        "  - job_name: switchboard\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n"
+    )
+    log = open(workdir / "prometheus.log", "wb")
+    proc = subprocess.Popen(
+        [prometheus, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{port}/api/v1"
+
+    def query(q):
+        url = api + "/query?" + urllib.parse.urlencode({"query": q})
+        status, _, body = request("GET", url)
+        data = json.loads(body)
+        if status != 200 or data.get("status") != "success":
+            raise Failed(f"Prometheus refused {q!r}: {data.get('error', body[:200])}")
+        return data["data"]["result"]
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise Failed("prometheus exited:\n" + (workdir / "prometheus.log").read_text()[-2000:])
+            try:
+                r = query('count_over_time(up{job="switchboard"}[1m])')
+                if r and float(r[0]["value"][1]) >= 4:
+                    break
+            except (OSError, Failed):
+                pass
+            if time.monotonic() > deadline:
+                raise Failed("Prometheus did not scrape the server 4 times within 30 s")
+            time.sleep(0.5)
+        if query('up{job="switchboard"}')[0]["value"][1] != "1":
+            raise Failed("the scrape target is down")
+        dashboard = json.loads((ROOT / "deploy/grafana/dashboards/switchboard.json").read_text())
+        n = 0
+        for panel in dashboard["panels"]:
+            for t in panel.get("targets", []):
+                q = t["expr"].replace("$__rate_interval", "1m").replace("$instance", ".*")
+                result = query(q)
+                n += 1
+                if panel["title"] == "Sessions":
+                    got = float(result[0]["value"][1]) if result else None
+                    if got != seeded_sessions:
+                        raise Failed(f"the Sessions panel shows {got}, want {seeded_sessions} open sessions")
+        status, _, body = request("GET", api + "/rules")
+        groups = json.loads(body)["data"]["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        bad = [r["name"] for r in rules if r.get("health") not in ("ok", "unknown")]
+        if not rules or bad:
+            raise Failed(f"alert rules not loaded or unhealthy: {bad or 'none loaded'}")
+        print(f"prometheus: scraped the server; {n} dashboard queries evaluated, {len(rules)} alert rules loaded",
+              flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def check_drain(server, doc, admin):
     status, ctype, body = request("POST", server.base + "/v1/admin/drain")
     check_error_body(doc, status, ctype, body, 401, "unauthorized", "POST /v1/admin/drain without a token")
@@ -378,6 +458,7 @@ def main():
                 ("schemathesis", lambda: schemathesis_step(server, admin, missing, workdir)),
                 ("error contract", lambda: error_contract(server, doc, admin, user)),
                 ("metrics lint", lambda: lint_metrics(server)),
+                ("prometheus", lambda: prometheus_dashboard(server, workdir, len(sessions))),
             ]
             if "/v1/admin/drain" not in missing:
                 steps.append(("drain", lambda: check_drain(server, doc, admin)))
