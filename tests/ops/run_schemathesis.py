@@ -125,7 +125,9 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.secret = secrets.token_hex(32)
         self.log_path = workdir / "server.log"
-        self.env = dict(os.environ)
+        # Only our own SWITCHBOARD_* variables reach the server: it refuses unknown ones, and scripts/test
+        # exports a few of its own (SWITCHBOARD_PYTHON, SWITCHBOARD_CHROMIUM).
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
         self.env.update(
             {
                 "SWITCHBOARD_AUTH_SECRET": self.secret,
