@@ -31,6 +31,8 @@ pub const SESSIONS_CLOSED: &str = "switchboard_sessions_closed_total";
 // Storage.
 /// Histogram: seconds per storage batch commit.
 pub const STORAGE_COMMIT: &str = "switchboard_storage_commit_seconds";
+/// Histogram: jobs (ops, reads, ledger writes) per storage batch; one transaction per batch.
+pub const STORAGE_BATCH: &str = "switchboard_storage_batch_jobs";
 /// Counter: storage failures, label `op`.
 pub const STORAGE_ERRORS: &str = "switchboard_storage_errors_total";
 
@@ -90,6 +92,8 @@ pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 const DWELL_BUCKETS: &[f64] = &[
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
 ];
+/// Buckets for storage batch sizes.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0];
 /// Buckets for op latencies: 50 µs to 1 s.
 const OP_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
@@ -106,6 +110,9 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Full(PACKET_DWELL.into()), DWELL_BUCKETS)
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(OP_LATENCY.into()), OP_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(STORAGE_BATCH.into()), BATCH_BUCKETS)
                 })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();

@@ -19,6 +19,7 @@ use crate::billing::{UsageRecord, UsageRow};
 use crate::ids::{CallId, UserId};
 use crate::signaling::wire::{CallState, EndReason, Mode, UserState};
 use crate::signaling::{CallRecord, CallUserRecord};
+use crate::webhooks::OutboxEvent;
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +139,8 @@ pub struct Store {
     conn: Connection,
     /// The last record written of each started call, with its row ID.
     written: HashMap<CallId, (i64, CallRecord)>,
+    /// Webhook receivers: each queued event gets one outbox row per URL.
+    webhook_urls: Vec<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -167,6 +170,7 @@ impl Store {
         Ok(Self {
             conn,
             written: HashMap::new(),
+            webhook_urls: Vec::new(),
         })
     }
 
@@ -177,7 +181,26 @@ impl Store {
         &mut self,
         calls: impl IntoIterator<Item = &'a CallRecord>,
     ) -> Result<(), StoreError> {
+        self.write_batch(calls, &[], 0)
+    }
+
+    /// Sets the webhook receivers (from `[webhooks] urls`).
+    pub fn set_webhook_urls(&mut self, urls: Vec<String>) {
+        self.webhook_urls = urls;
+    }
+
+    /// Writes calls (as [`write_calls`](Self::write_calls)) and queues webhook events, in one
+    /// transaction: an event is queued if and only if the change it reports is written.
+    pub fn write_batch<'a>(
+        &mut self,
+        calls: impl IntoIterator<Item = &'a CallRecord>,
+        events: &[OutboxEvent],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
+        if !events.is_empty() && !self.webhook_urls.is_empty() {
+            enqueue(&tx, events, &self.webhook_urls, now_ms)?;
+        }
         let mut written: Vec<(CallId, i64, &'a CallRecord)> = Vec::new();
         {
             let mut upsert_call = tx.prepare_cached(
@@ -464,7 +487,20 @@ impl Store {
 
     /// Writes ledger intervals; an interval already written (same call, user and start) is skipped.
     pub fn write_usage(&mut self, rows: &[UsageRecord]) -> Result<usize, StoreError> {
+        self.write_usage_and_events(rows, &[], 0)
+    }
+
+    /// Writes ledger intervals and queues their webhook events in one transaction.
+    pub fn write_usage_and_events(
+        &mut self,
+        rows: &[UsageRecord],
+        events: &[OutboxEvent],
+        now_ms: u64,
+    ) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
+        if !events.is_empty() && !self.webhook_urls.is_empty() {
+            enqueue(&tx, events, &self.webhook_urls, now_ms)?;
+        }
         let mut n = 0;
         {
             let mut stmt = tx.prepare_cached(
@@ -532,27 +568,54 @@ impl Store {
         Ok(rows)
     }
 
-    /// Queues webhook events (one row per receiver).
+    /// Queues webhook events (one row per receiver) in their own transaction.
     pub fn enqueue_webhooks(
         &mut self,
-        events: &[(String, String)],
-        urls: &[String],
-        now: u64,
+        events: &[OutboxEvent],
+        now_ms: u64,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO webhook_outbox (event_id, url, body, next_attempt) \
-                 VALUES (?1,?2,?3,?4)",
-            )?;
-            for (id, body) in events {
-                for url in urls {
-                    stmt.execute(params![id, url, body, now as i64])?;
-                }
-            }
+        if events.is_empty() || self.webhook_urls.is_empty() {
+            return Ok(());
         }
+        let tx = self.conn.transaction()?;
+        enqueue(&tx, events, &self.webhook_urls, now_ms)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// The oldest undelivered event of each receiver that is due at `now`, at most `limit` per
+    /// receiver, in queue order. An event not yet due holds back the receiver's later ones.
+    pub fn due_webhooks_per_url(
+        &self,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut out = Vec::new();
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, event_id, url, body, attempts, next_attempt FROM webhook_outbox \
+             WHERE url = ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        for url in &self.webhook_urls {
+            let rows: Vec<OutboxRow> = stmt
+                .query_map(params![url, limit as i64], |r| {
+                    Ok(OutboxRow {
+                        seq: r.get(0)?,
+                        event_id: r.get(1)?,
+                        url: r.get(2)?,
+                        body: r.get(3)?,
+                        attempts: r.get(4)?,
+                        next_attempt_ms: r.get::<_, i64>(5)? as u64,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            for r in rows {
+                if r.next_attempt_ms > now {
+                    break;
+                }
+                out.push(r);
+            }
+        }
+        Ok(out)
     }
 
     /// Events due for delivery at `now`, oldest first.
@@ -611,6 +674,23 @@ impl Store {
     }
 }
 
+fn enqueue(
+    tx: &rusqlite::Transaction<'_>,
+    events: &[OutboxEvent],
+    urls: &[String],
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT OR IGNORE INTO webhook_outbox (event_id, url, body, next_attempt) VALUES (?1,?2,?3,?4)",
+    )?;
+    for e in events {
+        for url in urls {
+            stmt.execute(params![e.id, url, e.body, now_ms as i64])?;
+        }
+    }
+    Ok(())
+}
+
 fn parse_id<T: std::str::FromStr>(s: &str) -> Result<T, StoreError> {
     s.parse()
         .map_err(|_| StoreError::Corrupt(format!("id {s:?}")))
@@ -618,8 +698,9 @@ fn parse_id<T: std::str::FromStr>(s: &str) -> Result<T, StoreError> {
 
 /// Work for the storage thread.
 pub enum Job {
-    /// Write these calls, then run the continuation (after the commit).
-    Calls(Vec<CallRecord>, Option<Continuation>),
+    /// Write these calls and queue these webhook events (one transaction for the batch), then run the
+    /// continuation (after the commit).
+    Calls(Vec<CallRecord>, Vec<OutboxEvent>, Option<Continuation>),
     /// Run a closure with the store (reads, ledger and outbox writes), in order with the writes.
     Run(Box<dyn FnOnce(&mut Store) + Send>),
     /// Finish what is queued before this, checkpoint, and stop the thread.
@@ -710,20 +791,26 @@ impl StoreThread {
 
 /// Writes every call of the batch in one transaction (the last record of a call wins), then runs the
 /// continuations and closures in the order they were queued.
-fn run_batch(store: &mut Store, batch: Vec<Job>) {
+fn run_batch(store: &mut Store, mut batch: Vec<Job>) {
+    metrics::histogram!(crate::metrics::STORAGE_BATCH).record(batch.len() as f64);
     let mut latest: HashMap<CallId, CallRecord> = HashMap::new();
-    for job in &batch {
-        if let Job::Calls(records, _) = job {
-            for r in records {
-                latest.insert(r.call_id.clone(), r.clone());
+    let mut events: Vec<OutboxEvent> = Vec::new();
+    for job in &mut batch {
+        if let Job::Calls(records, evs, _) = job {
+            for r in records.drain(..) {
+                latest.insert(r.call_id.clone(), r);
             }
+            events.append(evs);
         }
     }
-    if !latest.is_empty() {
+    if !latest.is_empty() || !events.is_empty() {
         let start = Instant::now();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let mut attempt = 0;
         loop {
-            match store.write_calls(latest.values()) {
+            match store.write_batch(latest.values(), &events, now_ms) {
                 Ok(()) => break,
                 Err(e) => {
                     attempt += 1;
@@ -741,8 +828,8 @@ fn run_batch(store: &mut Store, batch: Vec<Job>) {
     }
     for job in batch {
         match job {
-            Job::Calls(_, Some(k)) => k(),
-            Job::Calls(_, None) => {}
+            Job::Calls(_, _, Some(k)) => k(),
+            Job::Calls(_, _, None) => {}
             Job::Run(f) => f(store),
             Job::Stop => {}
         }
@@ -915,12 +1002,12 @@ mod tests {
     #[test]
     fn outbox_keeps_events_until_delivered() {
         let (_d, mut s) = open();
-        s.enqueue_webhooks(
-            &[("e1".into(), "{}".into()), ("e2".into(), "{}".into())],
-            &["http://a".into()],
-            10,
-        )
-        .expect("enqueues");
+        s.set_webhook_urls(vec!["http://a".into()]);
+        let e1 = crate::webhooks::event("call_started", 10, serde_json::json!({}));
+        let e2 = crate::webhooks::event("call_ended", 10, serde_json::json!({}));
+        s.enqueue_webhooks(&[e1.clone(), e2], 10).expect("enqueues");
+        // The same event is queued once.
+        s.enqueue_webhooks(&[e1], 10).expect("enqueues");
         let due = s.due_webhooks(10, 10).expect("reads");
         assert_eq!(due.len(), 2);
         s.webhook_retry(due[0].seq, 1000).expect("updates");
@@ -943,6 +1030,7 @@ mod tests {
             let p = path.clone();
             t.submit(Job::Calls(
                 vec![c],
+                Vec::new(),
                 Some(Box::new(move || {
                     // Another connection sees the row: it was committed before this ran.
                     let other = Store::open(&p).expect("opens");

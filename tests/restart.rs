@@ -3,82 +3,19 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{SECRET, WAIT};
+use common::WAIT;
+use common::process::{free_port, start, token};
 use serde_json::{Value, json};
-use switchboard::auth::TokenAuthority;
-use switchboard::client::signal::SignalClient;
-
-struct Proc {
-    child: Child,
-    port: u16,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-async fn start(db: &std::path::Path, port: u16) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("serve")
-        .env("SWITCHBOARD_AUTH_SECRET", SECRET)
-        .env("SWITCHBOARD_STORAGE_PATH", db)
-        .env("SWITCHBOARD_SERVER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("SWITCHBOARD_MEDIA_UDP_PORT", "0")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("binary starts");
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = http
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Proc { child, port }
-}
-
-fn token(user: &str, admin: bool) -> String {
-    TokenAuthority::new(SECRET).issue(
-        &user.parse().expect("id"),
-        None,
-        admin,
-        common::now_secs(),
-        3600,
-    )
-}
-
-async fn client(p: &Proc, user: &str) -> SignalClient {
-    SignalClient::connect(
-        &format!("ws://127.0.0.1:{}/v1/signal", p.port),
-        &token(user, false),
-    )
-    .await
-    .expect("connects")
-}
 
 async fn restart_keeps_ringing_calls(signal: Option<i32>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("calls.db");
     let port = free_port();
-    let mut p = start(&db, port).await;
-    let a = client(&p, "alice").await;
-    let mut c = client(&p, "carol").await;
+    let mut p = start(&db, port, &[]).await;
+    let a = p.client("alice").await;
+    let mut c = p.client("carol").await;
     let r = a
         .request(
             "call_invite",
@@ -92,21 +29,21 @@ async fn restart_keeps_ringing_calls(signal: Option<i32>) {
         .expect("rings");
     let invited_at = Instant::now();
     match signal {
-        None => p.child.kill().expect("SIGKILL"),
-        Some(sig) => {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(p.child.id() as i32, sig) };
+        None => {
+            p.child.kill().expect("SIGKILL");
+            p.child.wait().expect("exits");
         }
-    }
-    let status = p.child.wait().expect("exits");
-    if signal.is_some() {
-        assert!(status.success(), "a graceful stop exits 0: {status}");
+        Some(sig) => {
+            // Nothing is in progress (the call only rings), so the drain ends at once.
+            let status = p.signal_and_wait(sig, Duration::from_secs(20));
+            assert!(status.success(), "a graceful stop exits 0: {status}");
+        }
     }
     drop((a, c));
 
-    let p = start(&db, port).await;
+    let p = start(&db, port, &[]).await;
     // Bob was offline: he now gets the invitation with the time that is left.
-    let mut b = client(&p, "bob").await;
+    let mut b = p.client("bob").await;
     let inv = b.next_event(WAIT).await.expect("replayed");
     assert_eq!(inv.name, "call_invitation_received");
     assert_eq!(inv.data["call_id"], call);
@@ -117,11 +54,11 @@ async fn restart_keeps_ringing_calls(signal: Option<i32>) {
         "{left} s left after {elapsed} s"
     );
     // Carol had received it before the crash: it rings again.
-    let mut c = client(&p, "carol").await;
+    let mut c = p.client("carol").await;
     let inv = c.next_event(WAIT).await.expect("replayed");
     assert_eq!(inv.name, "call_invitation_received");
     // History is complete.
-    let a = client(&p, "alice").await;
+    let a = p.client("alice").await;
     let list = a
         .request("query_call_list", json!({"count": 5}))
         .await

@@ -88,10 +88,7 @@ impl TierMeter {
 
     /// The tier index for an aggregate pixel count.
     fn tier_index(&self, pixels: u64) -> usize {
-        self.tiers
-            .iter()
-            .position(|t| t.max_pixels.is_none_or(|max| pixels <= max))
-            .unwrap_or(self.tiers.len().saturating_sub(1))
+        super::tier_index(&self.tiers, pixels)
     }
 
     fn tier_name(&self, index: usize) -> &str {

@@ -19,6 +19,15 @@ use crate::ids::{CallId, TrackId, UserId};
 pub use meter::TierMeter;
 pub use report::{CallUserTierUsage, ReportQuery, UsageReport, UsageRow, UserTierUsage};
 
+/// The index of the tier an aggregate of `pixels` falls in: the first whose `max_pixels` is not below
+/// it (the last, unbounded tier catches the rest).
+pub fn tier_index(tiers: &[crate::config::TierConfig], pixels: u64) -> usize {
+    tiers
+        .iter()
+        .position(|t| t.max_pixels.is_none_or(|max| pixels <= max))
+        .unwrap_or(tiers.len().saturating_sub(1))
+}
+
 /// What the media plane now forwards to one subscriber (`user_id`) of one track in one call, from
 /// `at_ms` on.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -235,6 +235,25 @@ impl SignalClient {
         }
     }
 
+    /// Takes the event stream (with anything buffered first), so another task can consume events
+    /// while this client keeps sending requests. Later `next_event`/`wait_for` calls see nothing.
+    pub fn take_events(&mut self) -> mpsc::UnboundedReceiver<ServerEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for e in self.buffered.drain(..) {
+            let _ = tx.send(e);
+        }
+        let (_, dead) = mpsc::unbounded_channel();
+        let mut live = std::mem::replace(&mut self.events, dead);
+        tokio::spawn(async move {
+            while let Some(e) = live.recv().await {
+                if tx.send(e).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
     /// Every event that arrived so far, without waiting.
     pub fn drain_events(&mut self) -> Vec<ServerEvent> {
         let mut v: Vec<ServerEvent> = self.buffered.drain(..).collect();

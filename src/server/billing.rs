@@ -166,8 +166,17 @@ fn write(hub: &Hub, closed: Vec<UsageRecord>) {
     if closed.is_empty() {
         return;
     }
+    let now = now_ms();
+    let events: Vec<_> = if hub.config().webhooks.urls.is_empty() {
+        Vec::new()
+    } else {
+        closed
+            .iter()
+            .map(|r| crate::webhooks::from_usage(now, r))
+            .collect()
+    };
     let _ = hub.store().submit(Job::Run(Box::new(move |s| {
-        if let Err(e) = s.write_usage(&closed) {
+        if let Err(e) = s.write_usage_and_events(&closed, &events, now) {
             metrics::counter!(m::STORAGE_ERRORS, "op" => "write_usage").increment(1);
             tracing::error!(error = %e, segments = closed.len(), "writing usage failed");
         }

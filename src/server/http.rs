@@ -355,10 +355,7 @@ pub async fn get_call(
         .map_err(HttpError::internal)?
         .map_err(HttpError::internal)?
         .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, "call_not_found", "no such call"))?;
-    let room = match &app.media {
-        Some(m) => m.room_info(&id).await,
-        None => None,
-    };
+    let room = app.media.room_info(&id).await;
     let mut v = serde_json::to_value(call.info()).map_err(HttpError::internal)?;
     if let Value::Object(o) = &mut v {
         o.insert("room".into(), room.unwrap_or(Value::Null));
@@ -486,4 +483,63 @@ pub async fn billing_usage(
         )
             .into_response()
     })
+}
+
+/// `GET /v1/rooms`: every room with its participants, tracks, layers and bitrates.
+pub async fn list_rooms(State(app): State<AppState>, _admin: Admin) -> Json<Value> {
+    Json(json!({ "rooms": app.media.rooms().await }))
+}
+
+/// `GET /v1/rooms/{call_id}`.
+pub async fn get_room(
+    State(app): State<AppState>,
+    _admin: Admin,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, HttpError> {
+    let id = parse_call_id(&raw)?;
+    app.media
+        .room_info(&id)
+        .await
+        .map(Json)
+        .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, "call_not_found", "no such room"))
+}
+
+/// `DELETE /v1/rooms/{call_id}/participants/{user_id}`: takes the user out of the room (they stay in
+/// the call and may join again).
+pub async fn remove_participant(
+    State(app): State<AppState>,
+    _admin: Admin,
+    Path((raw_call, raw_user)): Path<(String, String)>,
+) -> Result<Json<Value>, HttpError> {
+    let id = parse_call_id(&raw_call)?;
+    let user = UserId::parse(&raw_user).map_err(|_| {
+        HttpError::new(
+            StatusCode::NOT_FOUND,
+            "call_not_found",
+            "no such participant",
+        )
+    })?;
+    match app.media.remove(&id, &user).await {
+        Ok(()) => Ok(Json(json!({"call_id": id, "user_id": user}))),
+        Err(crate::sfu::SfuError::NotJoined) => Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            "call_not_found",
+            "no such participant in that room",
+        )),
+        Err(e) => Err(HttpError::internal(e)),
+    }
+}
+
+/// `POST /v1/admin/drain`: starts a drain; the server exits when it is done. Answers at once.
+pub async fn start_drain(State(app): State<AppState>, _admin: Admin) -> (StatusCode, Json<Value>) {
+    let in_progress = app.hub.calls_in_progress();
+    app.drain_requested.notify_one();
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "draining": true,
+            "calls_in_progress": in_progress,
+            "drain_timeout": app.hub.config().server.drain_timeout,
+        })),
+    )
 }

@@ -84,6 +84,7 @@ pub struct Hub {
     config: Arc<Config>,
     rooms: std::sync::RwLock<Option<Arc<dyn RoomControl>>>,
     notices: std::sync::RwLock<Vec<Arc<dyn NoticeSink>>>,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Hub {
@@ -107,21 +108,53 @@ impl Hub {
             config,
             rooms: std::sync::RwLock::new(None),
             notices: std::sync::RwLock::new(Vec::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Installs the media plane's room hooks.
-    pub fn set_room_control(&self, rooms: Arc<dyn RoomControl>) {
+    /// Installs (or, with `None`, removes) the media plane's room hooks.
+    pub fn set_room_control(&self, rooms: Option<Arc<dyn RoomControl>>) {
         if let Ok(mut r) = self.rooms.write() {
-            *r = Some(rooms);
+            *r = rooms;
         }
     }
 
-    /// Adds a receiver of notices (webhooks, billing).
+    /// Adds a receiver of notices (billing).
     pub fn add_notice_sink(&self, sink: Arc<dyn NoticeSink>) {
         if let Ok(mut n) = self.notices.write() {
             n.push(sink);
         }
+    }
+
+    /// Removes every notice receiver (shutdown).
+    pub fn clear_notice_sinks(&self) {
+        if let Ok(mut n) = self.notices.write() {
+            n.clear();
+        }
+    }
+
+    /// Starts a drain: no new calls, joins or answers.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.core().set_draining(true);
+    }
+
+    /// Whether a drain is under way.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// How many calls are in progress (someone accepted, or someone is in the room).
+    pub fn calls_in_progress(&self) -> usize {
+        self.core().calls_in_progress().len()
+    }
+
+    /// Ends the calls in progress (the end of a drain); calls that only ring survive the restart.
+    pub fn end_in_progress(self: &Arc<Self>, reason: EndReason) {
+        let now = now_ms();
+        let mut core = self.core();
+        let out = core.end_in_progress(now, reason);
+        self.commit(&mut core, now, out, None);
     }
 
     /// The configuration in force.
@@ -399,9 +432,18 @@ impl Hub {
         } = out;
         let mut records = Vec::new();
         let mut rest = Vec::new();
+        let mut events = Vec::new();
+        let webhooks = !self.config.webhooks.urls.is_empty();
         for e in effects {
             match e {
                 Effect::Persist(r) => records.push(r),
+                Effect::Notice(n) => {
+                    // Webhook events are queued in the same transaction as the change they report.
+                    if webhooks {
+                        events.extend(crate::webhooks::from_notice(now, &n));
+                    }
+                    rest.push(Effect::Notice(n));
+                }
                 other => rest.push(other),
             }
         }
@@ -423,7 +465,7 @@ impl Hub {
         });
         if self
             .store
-            .submit(Job::Calls(records, Some(continuation)))
+            .submit(Job::Calls(records, events, Some(continuation)))
             .is_err()
         {
             tracing::error!("storage is closed; an op's results were dropped");
@@ -557,19 +599,43 @@ impl Hub {
     }
 }
 
+/// Metrics and one log line per call lifecycle event (IDs only: never tokens or extended data).
 fn record_notice(n: &Notice) {
     match n {
-        Notice::CallStarted { .. } => {
+        Notice::CallStarted {
+            call_id,
+            caller,
+            mode,
+        } => {
             metrics::counter!(m::CALLS_STARTED).increment(1);
             metrics::gauge!(m::CALLS_ACTIVE).increment(1.0);
+            tracing::info!(call_id = %call_id, caller = %caller, mode = mode.as_str(), "call started");
         }
-        Notice::CallEnded { reason, .. } => {
+        Notice::CallEnded {
+            call_id,
+            reason,
+            users,
+        } => {
             metrics::counter!(m::CALLS_ENDED, "reason" => reason.as_str()).increment(1);
             metrics::gauge!(m::CALLS_ACTIVE).decrement(1.0);
+            let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
+            tracing::info!(call_id = %call_id, reason = reason.as_str(), users = ?users, "call ended");
         }
-        Notice::InviteeOutcome { state, .. } => {
+        Notice::InviteeOutcome {
+            call_id,
+            user_id,
+            state,
+        } => {
             metrics::counter!(m::INVITEE_OUTCOMES, "state" => state.as_str()).increment(1);
+            tracing::info!(call_id = %call_id, user_id = %user_id, state = state.as_str(), "invitee answered");
         }
-        Notice::InviteeOffline { .. } => {}
+        Notice::InviteeOffline {
+            call_id,
+            user_id,
+            inviter,
+            ..
+        } => {
+            tracing::info!(call_id = %call_id, user_id = %user_id, inviter = %inviter, "invitee offline");
+        }
     }
 }

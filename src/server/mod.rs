@@ -10,45 +10,28 @@
 pub mod billing;
 pub mod http;
 pub mod hub;
+pub mod media;
 pub mod openapi;
 pub mod session;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::TokenAuthority;
 use crate::config::Config;
-use crate::ids::{CallId, SessionId};
-use crate::signaling::wire::Reply;
-use crate::signaling::{Op, Rules, Signaling};
+use crate::signaling::{Rules, Signaling};
 use crate::storage::{Store, StoreError, StoreThread};
 use hub::{Hub, now_ms};
-
-/// A boxed future, for the media hooks.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// The media plane as the shell sees it: it runs the `rtc_*` ops of a session (after the hub checked
-/// the call), and describes rooms for the admin API.
-pub trait MediaOps: Send + Sync + 'static {
-    /// Runs one `rtc_*` op for a session.
-    fn handle(&self, session: SessionId, op: Op) -> BoxFuture<'_, Reply>;
-    /// A session's socket closed.
-    fn session_closed(&self, session: SessionId) -> BoxFuture<'_, ()>;
-    /// A room's description for `GET /v1/calls/{id}`.
-    fn room_info<'a>(&'a self, call_id: &'a CallId) -> BoxFuture<'a, Option<Value>>;
-}
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +50,9 @@ pub enum ServerError {
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Http(std::io::Error),
+    /// The media engine could not start.
+    #[error("media: {0}")]
+    Media(#[from] crate::sfu::SfuError),
 }
 
 /// Shared state of every handler.
@@ -84,16 +70,16 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// True once shutdown began.
     pub shutdown: watch::Receiver<bool>,
-    /// The media plane, when running.
-    pub media: Option<Arc<dyn MediaOps>>,
-    /// Set by a drain.
-    pub draining: Arc<AtomicBool>,
+    /// The media plane.
+    pub media: Arc<media::MediaPlane>,
+    /// Asks the server to drain and stop (POST /v1/admin/drain).
+    pub drain_requested: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
     /// Whether a drain is under way.
     pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.hub.draining()
     }
 }
 
@@ -117,7 +103,8 @@ impl Server {
     pub async fn start(config: Config, opts: Options) -> Result<Server, ServerError> {
         let config = Arc::new(config);
         let metrics = crate::metrics::install();
-        let store = Store::open(&config.storage.path)?;
+        let mut store = Store::open(&config.storage.path)?;
+        store.set_webhook_urls(config.webhooks.urls.clone());
         let restored = store.started_calls()?;
         let n_restored = restored.len();
         let mut core = Signaling::new(Rules::from_config(&config.signaling));
@@ -133,6 +120,12 @@ impl Server {
         let (biller, biller_task) =
             billing::Biller::spawn(Arc::clone(&hub), &config.billing, shutdown.clone());
         hub.add_notice_sink(Arc::new(biller.clone()));
+        let sink = Arc::new(media::Sink::new(Arc::clone(&hub), biller.clone()));
+        let sfu = crate::sfu::Sfu::start(&config.media, sink)?;
+        tracing::info!(udp = %sfu.local_addr(), "media plane listening");
+        let media = Arc::new(media::MediaPlane::new(sfu, Arc::clone(&hub)));
+        hub.set_room_control(Some(Arc::clone(&media) as Arc<dyn hub::RoomControl>));
+        webhooks::spawn(Arc::clone(&hub), shutdown.clone());
         let state = AppState {
             hub,
             biller,
@@ -140,8 +133,8 @@ impl Server {
             dev: opts.dev,
             metrics,
             shutdown,
-            media: None,
-            draining: Arc::new(AtomicBool::new(false)),
+            media,
+            drain_requested: Arc::new(tokio::sync::Notify::new()),
         };
         Ok(Server {
             state,
@@ -151,14 +144,14 @@ impl Server {
         })
     }
 
-    /// The shared state (tests and the media wiring use it).
+    /// The shared state (tests use it).
     pub fn state(&self) -> &AppState {
         &self.state
     }
 
-    /// Installs the media plane.
-    pub fn set_media(&mut self, media: Arc<dyn MediaOps>) {
-        self.state.media = Some(media);
+    /// The media engine's UDP address.
+    pub fn media_addr(&self) -> SocketAddr {
+        self.state.media.sfu().local_addr()
     }
 
     /// The router.
@@ -166,7 +159,9 @@ impl Server {
         router(self.state.clone())
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then shuts down cleanly.
+    /// Serves on `listener` until `shutdown` resolves or a drain is requested (POST /v1/admin/drain),
+    /// then drains (see [`drain`]) and shuts down cleanly. Sending `true` on
+    /// [`shutdown_sender`](Self::shutdown_sender) stops at once, without a drain.
     pub async fn serve(
         mut self,
         listener: TcpListener,
@@ -177,10 +172,15 @@ impl Server {
         let app = self.router();
         let tx = self.shutdown_tx.clone();
         let mut stop = self.state.shutdown.clone();
+        let state = self.state.clone();
         let graceful = async move {
-            tokio::select! {
-                _ = shutdown => {}
-                _ = stop.changed() => {}
+            let drain_now = tokio::select! {
+                _ = shutdown => true,
+                _ = state.drain_requested.notified() => true,
+                _ = stop.changed() => false,
+            };
+            if drain_now {
+                drain(&state).await;
             }
             let _ = tx.send(true);
         };
@@ -204,6 +204,9 @@ impl Server {
         if let Some(b) = self.biller_task.take() {
             let _ = b.await;
         }
+        self.state.media.shutdown().await;
+        hub.set_room_control(None);
+        hub.clear_notice_sinks();
         hub.flush().await;
         let _ = hub.store().submit(crate::storage::Job::Stop);
         if let Some(t) = self.store_thread.take() {
@@ -218,6 +221,33 @@ impl Server {
     }
 }
 
+/// A drain before stopping: readiness fails and no new calls, joins or answers are taken; calls in
+/// progress go on until they end or `[server] drain_timeout` passes, then end with `server_shutdown`;
+/// billing segments are closed and the webhook outbox is given a few seconds to empty (what is left
+/// stays queued for the next start). Calls that only ring are kept: they ring again after the restart.
+pub async fn drain(state: &AppState) {
+    let hub = &state.hub;
+    if hub.draining() {
+        return;
+    }
+    hub.start_drain();
+    let timeout = Duration::from_secs(hub.config().server.drain_timeout);
+    tracing::info!(calls = hub.calls_in_progress(), ?timeout, "draining");
+    let deadline = tokio::time::Instant::now() + timeout;
+    while hub.calls_in_progress() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = hub.calls_in_progress();
+    if left > 0 {
+        tracing::info!(calls = left, "drain timeout: ending calls in progress");
+    }
+    hub.end_in_progress(crate::signaling::wire::EndReason::ServerShutdown);
+    hub.flush().await;
+    state.biller.flush().await;
+    webhooks::drain(hub, Duration::from_secs(10)).await;
+    tracing::info!("drain complete");
+}
+
 /// Routes of PROTOCOL.md sections 1 and 6.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -230,6 +260,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/calls/{call_id}", get(http::get_call))
         .route("/v1/calls/{call_id}/end", post(http::end_call))
         .route("/v1/billing/usage", get(http::billing_usage))
+        .route("/v1/rooms", get(http::list_rooms))
+        .route("/v1/rooms/{call_id}", get(http::get_room))
+        .route(
+            "/v1/rooms/{call_id}/participants/{user_id}",
+            axum::routing::delete(http::remove_participant),
+        )
+        .route("/v1/admin/drain", post(http::start_drain))
         .route("/v1/openapi.json", get(openapi::openapi))
         .fallback(http::not_found)
         .with_state(state)

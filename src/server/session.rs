@@ -33,8 +33,6 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// No frame for twice the heartbeat interval.
     pub const HEARTBEAT: u16 = 4000;
-    /// The same user joined the same room from another session (media).
-    pub const REPLACED: u16 = 4001;
 }
 
 /// A token bucket: `rate` per second, at most `burst` at once.
@@ -144,9 +142,6 @@ pub async fn run(
     if reason != "client_closed" && reason != "closed" {
         metrics::counter!(m::SESSIONS_CLOSED, "reason" => reason).increment(1);
     }
-    if let Some(media) = &app.media {
-        media.session_closed(sid).await;
-    }
     hub.disconnect(sid);
 }
 
@@ -174,13 +169,7 @@ async fn on_text(app: &AppState, sid: SessionId, text: &str, limiter: &mut RateL
     if let Some(media_req) = hub.handle(sid, req, started) {
         let id = media_req.id;
         let name = media_req.op.name();
-        let reply = match &app.media {
-            Some(media) => media.handle(sid, media_req.op).await,
-            None => Err(ApiError::new(
-                ErrorCode::Internal,
-                "the media plane is not running",
-            )),
-        };
+        let reply = app.media.handle(sid, media_req.op).await;
         hub.reply_in_order(sid, id, name, started, reply);
     }
 }

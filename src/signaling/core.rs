@@ -283,6 +283,8 @@ pub struct Signaling {
     sessions: HashMap<SessionId, UserId>,
     timers: BTreeSet<(u64, Timer)>,
     new_call_id: Box<dyn FnMut() -> CallId + Send>,
+    /// A drain is under way: no new calls, joins or answers that start media.
+    draining: bool,
 }
 
 impl std::fmt::Debug for Signaling {
@@ -315,7 +317,39 @@ impl Signaling {
             sessions: HashMap::new(),
             timers: BTreeSet::new(),
             new_call_id: ids,
+            draining: false,
         }
+    }
+
+    /// Starts (or stops) a drain: `call_invite`, `calling_invite`, `call_join` and `call_accept` are
+    /// refused with `invalid_state` while it lasts; everything else goes on.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    fn refuse_if_draining(&self) -> Result<(), ApiError> {
+        if self.draining {
+            return Err(err(
+                ErrorCode::InvalidState,
+                "the server is draining for a restart; try again in a moment",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Started calls that are in progress: an invitee accepted, or someone is in the room. (A call
+    /// that only rings is not: it survives a restart and rings again.)
+    pub fn calls_in_progress(&self) -> Vec<CallId> {
+        self.started_calls()
+            .filter(|c| {
+                c.invitee_accepted()
+                    || self
+                        .rooms
+                        .get(&c.call_id)
+                        .is_some_and(|r| r.participants > 0)
+            })
+            .map(|c| c.call_id.clone())
+            .collect()
     }
 
     /// The rules in force.
@@ -602,6 +636,7 @@ impl Signaling {
         out: &mut Output,
     ) -> Reply {
         let me = self.requester(session)?;
+        self.refuse_if_draining()?;
         self.check_ext(&args.extended_data)?;
         let timeout = match args.timeout {
             None => self.rules.default_timeout,
@@ -790,6 +825,7 @@ impl Signaling {
         out: &mut Output,
     ) -> Reply {
         let me = self.requester(session)?;
+        self.refuse_if_draining()?;
         self.check_ext(&args.extended_data)?;
         let call = self.member_call(&args.call_id, &me)?;
         if call.mode != Mode::Advanced {
@@ -1065,6 +1101,9 @@ impl Signaling {
                 ),
             ));
         }
+        if accept {
+            self.refuse_if_draining()?;
+        }
         if accept
             && self.rules.busy_policy == BusyPolicy::Reject
             && let Some(c) = self.busy_call(&me, Some(&args.call_id))
@@ -1109,6 +1148,7 @@ impl Signaling {
 
     fn do_join(&mut self, now: u64, session: SessionId, args: CallArgs, out: &mut Output) -> Reply {
         let me = self.requester(session)?;
+        self.refuse_if_draining()?;
         self.check_ext(&args.extended_data)?;
         let call = self
             .calls
@@ -1619,7 +1659,19 @@ impl Signaling {
         ));
     }
 
-    /// Ends every started call (drain).
+    /// Ends every call in progress (the end of a drain); calls that only ring are kept.
+    pub fn end_in_progress(&mut self, now: u64, reason: EndReason) -> Output {
+        let mut out = Output::default();
+        for id in self.calls_in_progress() {
+            let caller = self.calls.get(&id).map(|c| c.caller.clone());
+            if let Some(caller) = caller {
+                self.end_call(now, &id, reason, &caller, "", &mut out);
+            }
+        }
+        out
+    }
+
+    /// Ends every started call.
     pub fn end_all(&mut self, now: u64, reason: EndReason) -> Output {
         let mut out = Output::default();
         let ids: Vec<CallId> = self.started_calls().map(|c| c.call_id.clone()).collect();

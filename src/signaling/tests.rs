@@ -1403,3 +1403,70 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_drain_refuses_new_calls_and_ends_only_calls_in_progress() {
+    let mut h = H::new();
+    let a = h.connect("alice");
+    let b = h.connect("bob");
+    let c = h.connect("carol");
+    let in_progress = h.invite(a, &["bob"], "general");
+    h.ok(b, "call_accept", json!({"call_id": in_progress}));
+    let ringing = h.invite(c, &["dave"], "general");
+    let g = h.connect("gina");
+    // Gina's advanced call only rings too, but Gina sits in its room: it is in progress.
+    let advanced = h.invite(g, &["erin"], "advanced");
+    h.core.set_draining(true);
+    let z = h.connect("zoe");
+    h.fails(
+        z,
+        "call_invite",
+        json!({"invitees": ["zed"]}),
+        ErrorCode::InvalidState,
+    );
+    let e = h.connect("erin");
+    h.fails(
+        e,
+        "call_accept",
+        json!({"call_id": advanced}),
+        ErrorCode::InvalidState,
+    );
+    h.fails(
+        e,
+        "call_join",
+        json!({"call_id": advanced}),
+        ErrorCode::InvalidState,
+    );
+    h.fails(
+        g,
+        "calling_invite",
+        json!({"call_id": advanced, "invitees": ["x"]}),
+        ErrorCode::InvalidState,
+    );
+    h.room(&advanced, 1);
+    let mut ids: Vec<String> = h
+        .core
+        .calls_in_progress()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    ids.sort();
+    let mut want = vec![in_progress.clone(), advanced.clone()];
+    want.sort();
+    assert_eq!(ids, want);
+    let out = h.core.end_in_progress(h.now, EndReason::ServerShutdown);
+    h.absorb(out);
+    assert_eq!(
+        h.record(&in_progress).end_reason,
+        Some(EndReason::ServerShutdown)
+    );
+    assert_eq!(
+        h.record(&advanced).end_reason,
+        Some(EndReason::ServerShutdown)
+    );
+    assert_eq!(h.record(&ringing).state, CallState::Started);
+    // Answers that start no media still work during a drain.
+    let d = h.connect("dave");
+    h.ok(d, "call_reject", json!({"call_id": ringing}));
+    assert_eq!(h.record(&ringing).end_reason, Some(EndReason::Rejected));
+}

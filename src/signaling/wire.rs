@@ -498,32 +498,8 @@ pub struct RtcSdpArgs {
     pub sdp: String,
 }
 
-/// Which of a participant's two peer connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PcTarget {
-    /// The client offers.
-    Publisher,
-    /// The server offers.
-    Subscriber,
-}
-
-/// An `RTCIceCandidateInit`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct IceCandidateInit {
-    /// The `candidate:` line, or "" for end-of-candidates.
-    pub candidate: String,
-    /// Media ID.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sdp_mid: Option<String>,
-    /// m-line index.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sdp_m_line_index: Option<u16>,
-    /// ICE ufrag.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub username_fragment: Option<String>,
-}
+/// Which connection and the candidate itself are the media plane's types (PROTOCOL.md section 4).
+pub use crate::sfu::{IceCandidateInit, PcTarget};
 
 /// `rtc_candidate` arguments.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,6 +1,9 @@
 //! Shared harness: a real server on 127.0.0.1:0 with its own database, and clients that speak to it.
 #![allow(dead_code)]
 
+pub mod media;
+pub mod process;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,313 @@
+//! The shell between signaling and the media plane (PROTOCOL.md section 4).
+//!
+//! - [`MediaPlane`] runs a session's `rtc_*` ops: the call must be started and the user `accepted`
+//!   (checked by the signaling core on every op, so a user who quit or whose call ended can do nothing
+//!   more), and only the session that joined may drive the participant.
+//! - [`Sink`] is what the engine reports to: media events go to the participant's session in order,
+//!   room occupancy to the signaling core (general-mode calls complete when the room stays empty), what
+//!   each subscriber is forwarded to billing, and room events to the webhook outbox.
+//! - The core's `LeaveRoom`/`CloseRoom` effects reach the engine through [`RoomControl`].
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use serde_json::{Value, json};
+
+use super::billing::Biller;
+use super::hub::{Hub, Outbound, RoomControl, now_ms};
+use crate::ids::{CallId, SessionId, UserId};
+use crate::sfu::{ConsumerUpdate, MediaSink, RtcEvent, Sfu, SfuError};
+use crate::signaling::wire::{ApiError, ErrorCode, Op, Reply};
+use crate::storage::Job;
+
+/// Receives the engine's reports.
+pub struct Sink {
+    hub: Arc<Hub>,
+    biller: Biller,
+    webhooks: bool,
+    /// The resolution class (billing tier name of the layer alone) of each measured layer, for the
+    /// `switchboard_layers_by_resolution` gauge.
+    layers: std::sync::Mutex<std::collections::HashMap<(CallId, String, String), String>>,
+}
+
+impl Sink {
+    /// A sink feeding the hub and the biller.
+    pub fn new(hub: Arc<Hub>, biller: Biller) -> Self {
+        let webhooks = !hub.config().webhooks.urls.is_empty();
+        Self {
+            hub,
+            biller,
+            webhooks,
+            layers: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Keeps the layers-by-class gauge: a layer measured or changed moves between classes; a track
+    /// unpublished (or its room closed) takes its layers out.
+    fn count_layers(&self, event: &RtcEvent) {
+        let Ok(mut layers) = self.layers.lock() else {
+            return;
+        };
+        let tiers = &self.hub.config().billing.tiers;
+        let moved = |old: Option<String>, new: Option<&str>| {
+            if let Some(o) = old {
+                metrics::gauge!(crate::metrics::LAYERS_BY_CLASS, "class" => o).decrement(1.0);
+            }
+            if let Some(n) = new {
+                metrics::gauge!(crate::metrics::LAYERS_BY_CLASS, "class" => n.to_owned())
+                    .increment(1.0);
+            }
+        };
+        match event {
+            RtcEvent::TrackResolution {
+                call_id,
+                track_id,
+                rid,
+                width,
+                height,
+            } => {
+                let pixels = u64::from(*width) * u64::from(*height);
+                let class = tiers
+                    .get(crate::billing::tier_index(tiers, pixels))
+                    .map_or("", |t| t.name.as_str());
+                let key = (call_id.clone(), track_id.to_string(), rid.clone());
+                let old = layers.insert(key, class.to_owned());
+                moved(old, Some(class));
+            }
+            RtcEvent::TrackUnpublished { call_id, track, .. } => {
+                let track_id = track.track_id.to_string();
+                let gone: Vec<_> = layers
+                    .keys()
+                    .filter(|(c, t, _)| c == call_id && *t == track_id)
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    moved(layers.remove(&k), None);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl MediaSink for Sink {
+    fn deliver(&self, session: SessionId, event: RtcEvent) {
+        let data = event.data().to_string();
+        self.hub
+            .send_to(session, Outbound::Raw(event.name(), Arc::from(data)));
+    }
+
+    fn room_changed(&self, room: &CallId, participants: usize, at_ms: u64) {
+        self.hub.room_changed(room, participants, at_ms);
+    }
+
+    fn consumer_changed(&self, update: ConsumerUpdate) {
+        self.biller.update(update);
+    }
+
+    fn room_event(&self, event: &RtcEvent) {
+        self.count_layers(event);
+        // Resolution changes are for metrics; operators get the room events.
+        if !self.webhooks || matches!(event, RtcEvent::TrackResolution { .. }) {
+            return;
+        }
+        let ev = crate::webhooks::event(event.name(), now_ms(), event.data());
+        let _ = self.hub.store().submit(Job::Run(Box::new(move |s| {
+            if let Err(e) = s.enqueue_webhooks(&[ev], now_ms()) {
+                tracing::error!(error = %e, "queueing a webhook failed");
+            }
+        })));
+    }
+}
+
+/// The media plane as the shell uses it.
+pub struct MediaPlane {
+    sfu: Sfu,
+    hub: Arc<Hub>,
+    /// Which session drives each participant.
+    joined: DashMap<(CallId, UserId), SessionId>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for MediaPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MediaPlane")
+            .field("sfu", &self.sfu)
+            .finish()
+    }
+}
+
+fn api(e: SfuError) -> ApiError {
+    let code = match e.code() {
+        "bad_request" => ErrorCode::BadRequest,
+        "invalid_state" => ErrorCode::InvalidState,
+        _ => ErrorCode::Internal,
+    };
+    if code == ErrorCode::Internal {
+        tracing::error!(error = %e, "media engine failed");
+        return ApiError::new(code, "the media engine failed");
+    }
+    ApiError::new(code, e.to_string())
+}
+
+impl MediaPlane {
+    /// Wraps a started engine. Must be called inside the tokio runtime.
+    pub fn new(sfu: Sfu, hub: Arc<Hub>) -> Self {
+        Self {
+            sfu,
+            hub,
+            joined: DashMap::new(),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// The engine.
+    pub fn sfu(&self) -> &Sfu {
+        &self.sfu
+    }
+
+    /// The user driving `call_id`'s participant from this session, after checking they are still
+    /// `accepted` in the started call.
+    fn participant(&self, session: SessionId, call_id: &CallId) -> Result<UserId, ApiError> {
+        let user = self.hub.may_join_room(session, call_id)?;
+        match self.joined.get(&(call_id.clone(), user.clone())) {
+            Some(s) if *s == session => Ok(user),
+            _ => Err(ApiError::new(
+                ErrorCode::InvalidState,
+                "join the room (rtc_join) from this session first",
+            )),
+        }
+    }
+
+    /// Runs one `rtc_*` op for a session.
+    pub async fn handle(&self, session: SessionId, op: Op) -> Reply {
+        match op {
+            Op::RtcJoin(a) => {
+                let user = self.hub.may_join_room(session, &a.call_id)?;
+                if self.hub.draining() {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidState,
+                        "the server is draining for a restart; try again in a moment",
+                    ));
+                }
+                let r = self
+                    .sfu
+                    .join(a.call_id.clone(), user.clone(), session)
+                    .await
+                    .map_err(api)?;
+                self.joined
+                    .insert((a.call_id.clone(), user.clone()), session);
+                // The user may have quit or the call ended while the join ran: undo it.
+                if self.hub.may_join_room(session, &a.call_id).is_err() {
+                    let _ = self.sfu.leave(&a.call_id, &user).await;
+                    self.joined.remove(&(a.call_id.clone(), user));
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidState,
+                        "the call changed while joining",
+                    ));
+                }
+                Ok(json!({ "participants": r.participants }))
+            }
+            Op::RtcPublish(a) => {
+                let user = self.participant(session, &a.call_id)?;
+                let answer = self
+                    .sfu
+                    .publish(&a.call_id, &user, a.sdp)
+                    .await
+                    .map_err(api)?;
+                Ok(json!({ "sdp": answer }))
+            }
+            Op::RtcAnswer(a) => {
+                let user = self.participant(session, &a.call_id)?;
+                self.sfu
+                    .answer(&a.call_id, &user, a.sdp)
+                    .await
+                    .map_err(api)?;
+                Ok(json!({}))
+            }
+            Op::RtcCandidate(a) => {
+                let user = self.participant(session, &a.call_id)?;
+                self.sfu
+                    .candidate(&a.call_id, &user, a.target, a.candidate)
+                    .await
+                    .map_err(api)?;
+                Ok(json!({}))
+            }
+            Op::RtcSubscription(a) => {
+                let user = self.participant(session, &a.call_id)?;
+                self.sfu
+                    .subscription(
+                        &a.call_id,
+                        &user,
+                        &a.track_id,
+                        a.enabled,
+                        a.max_width,
+                        a.max_height,
+                    )
+                    .await
+                    .map_err(api)?;
+                Ok(json!({}))
+            }
+            Op::RtcLeave(a) => {
+                let user = self
+                    .hub
+                    .session_user(session)
+                    .ok_or_else(|| ApiError::new(ErrorCode::Internal, "session not registered"))?;
+                let key = (a.call_id.clone(), user.clone());
+                if self.joined.get(&key).is_none_or(|s| *s != session) {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidState,
+                        "this session is not in the room",
+                    ));
+                }
+                self.joined.remove(&key);
+                self.sfu.leave(&a.call_id, &user).await.map_err(api)?;
+                Ok(json!({}))
+            }
+            other => Err(ApiError::bad_request(format!(
+                "{} is not a media op",
+                other.name()
+            ))),
+        }
+    }
+
+    /// A room's description for the admin API.
+    pub async fn room_info(&self, call_id: &CallId) -> Option<Value> {
+        let room = self.sfu.room(call_id).await?;
+        serde_json::to_value(room).ok()
+    }
+
+    /// Every room, for the admin API.
+    pub async fn rooms(&self) -> Value {
+        serde_json::to_value(self.sfu.rooms().await).unwrap_or(Value::Null)
+    }
+
+    /// Removes a participant (admin).
+    pub async fn remove(&self, call_id: &CallId, user: &UserId) -> Result<(), SfuError> {
+        self.joined.remove(&(call_id.clone(), user.clone()));
+        self.sfu.leave(call_id, user).await
+    }
+
+    /// Stops the engine.
+    pub async fn shutdown(&self) {
+        self.sfu.shutdown().await;
+    }
+}
+
+impl RoomControl for MediaPlane {
+    fn leave(&self, call_id: CallId, user_id: UserId) {
+        self.joined.remove(&(call_id.clone(), user_id.clone()));
+        let sfu = self.sfu.clone();
+        self.runtime.spawn(async move {
+            let _ = sfu.leave(&call_id, &user_id).await;
+        });
+    }
+
+    fn close(&self, call_id: CallId) {
+        self.joined.retain(|(c, _), _| *c != call_id);
+        let sfu = self.sfu.clone();
+        self.runtime.spawn(async move {
+            sfu.close_room(&call_id).await;
+        });
+    }
+}

@@ -1,0 +1,464 @@
+//! The one UDP socket: binding, host candidates, the I/O thread (batched `recvmmsg` and routing
+//! to workers) and batched `sendmmsg`.
+//!
+//! Routing invariant: the I/O thread alone owns the address → worker table. It learns an entry
+//! only from a STUN binding request whose USERNAME names a server ufrag (which starts with the
+//! owning worker's index in four hex digits), and forgets one when a worker says so. Anything
+//! else from an unknown address is dropped.
+
+use std::collections::HashMap;
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::{Counters, WorkerMsg};
+use crate::config::MediaConfig;
+
+/// Datagrams read per `recvmmsg`.
+const RECV_BATCH: usize = 64;
+/// Largest datagram accepted.
+const MAX_DATAGRAM: usize = 2048;
+/// Batches a worker may have queued before the I/O thread drops new ones for it.
+const MAX_BACKLOG: u64 = 256;
+
+/// Messages to the I/O thread.
+pub(crate) enum IoMsg {
+    /// Forget these source addresses (their connection closed).
+    Forget(Vec<SocketAddr>),
+}
+
+/// Datagrams for one worker from one `recvmmsg` round, in one buffer.
+pub(crate) struct DatagramBatch {
+    /// Concatenated payloads.
+    pub buf: Vec<u8>,
+    /// Source and byte range of each datagram in `buf`.
+    pub items: Vec<(SocketAddr, usize, usize)>,
+    /// When the round's `recvmmsg` returned.
+    pub at: Instant,
+}
+
+/// Binds the media socket with large kernel buffers and a read timeout (for shutdown checks).
+pub(crate) fn bind(cfg: &MediaConfig) -> io::Result<UdpSocket> {
+    let addr = SocketAddr::new(cfg.bind, cfg.udp_port);
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    let _ = socket.set_send_buffer_size(4 << 20);
+    socket.bind(&addr.into())?;
+    socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    Ok(socket.into())
+}
+
+/// The addresses announced as host candidates: `public_ips`, else the bound address, else (for
+/// an unspecified bind) every non-loopback interface address of the same family, falling back
+/// to loopback.
+pub(crate) fn host_candidates(cfg: &MediaConfig, local: SocketAddr) -> Vec<SocketAddr> {
+    let port = local.port();
+    if !cfg.public_ips.is_empty() {
+        return cfg
+            .public_ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port))
+            .collect();
+    }
+    if !local.ip().is_unspecified() {
+        return vec![local];
+    }
+    let mut v: Vec<SocketAddr> = interface_addrs()
+        .into_iter()
+        .filter(|ip| ip.is_ipv4() == local.is_ipv4() && !ip.is_loopback())
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    if v.is_empty() {
+        let lo: IpAddr = if local.is_ipv4() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+        };
+        v.push(SocketAddr::new(lo, port));
+    }
+    v
+}
+
+fn interface_addrs() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family tells its size.
+            let fam = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            if fam == libc::AF_INET {
+                // SAFETY: family AF_INET means sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(IpAddr::from(
+                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                ));
+            } else if fam == libc::AF_INET6 {
+                // SAFETY: family AF_INET6 means sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `ifap` came from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
+/// The server-side ufrag of a STUN binding request (the part of USERNAME before ':'), if the
+/// datagram is one.
+pub(crate) fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
+    // Header: type(2) length(2) cookie(4) transaction(12). Binding request = 0x0001.
+    if d.len() < 20 || d.get(0..2)? != [0x00, 0x01] || d.get(4..8)? != [0x21, 0x12, 0xa4, 0x42] {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([*d.get(2)?, *d.get(3)?]));
+    let attrs = d.get(20..20 + len)?;
+    let mut i = 0;
+    while i + 4 <= attrs.len() {
+        let typ = u16::from_be_bytes([*attrs.get(i)?, *attrs.get(i + 1)?]);
+        let alen = usize::from(u16::from_be_bytes([*attrs.get(i + 2)?, *attrs.get(i + 3)?]));
+        let val = attrs.get(i + 4..i + 4 + alen)?;
+        if typ == 0x0006 {
+            let user = std::str::from_utf8(val).ok()?;
+            return user.split(':').next();
+        }
+        i += 4 + alen.div_ceil(4) * 4;
+    }
+    None
+}
+
+/// The worker index a server ufrag encodes (its first four hex digits).
+pub(crate) fn worker_of_ufrag(ufrag: &str) -> Option<usize> {
+    let hex = ufrag.get(0..4)?;
+    usize::from_str_radix(hex, 16).ok()
+}
+
+/// Whether a datagram is STUN (RFC 7983: first byte 0..=3).
+pub(crate) fn is_stun(d: &[u8]) -> bool {
+    d.first().is_some_and(|b| *b < 4)
+}
+
+fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: family AF_INET means the storage holds a sockaddr_in.
+            let sin =
+                unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                u32::from_be(sin.sin_addr.s_addr).into(),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: family AF_INET6 means the storage holds a sockaddr_in6.
+            let sin6 =
+                unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                sin6.sin6_addr.s6_addr.into(),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn std_to_sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let sa: socket2::SockAddr = (*a).into();
+    // SAFETY: sockaddr_storage is plain data; zeroed is a valid value, and we copy at most
+    // its size from SockAddr's storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = sa.len() as usize;
+    let n = len.min(std::mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: both pointers are valid for `n` bytes and do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            sa.as_ptr() as *const u8,
+            &mut ss as *mut libc::sockaddr_storage as *mut u8,
+            n,
+        );
+    }
+    (ss, n as libc::socklen_t)
+}
+
+/// Sends every datagram in `out` with as few `sendmmsg` calls as possible. Returns how many
+/// datagrams and bytes went out. Errors on single datagrams (e.g. an unreachable peer) are
+/// skipped, not retried.
+pub(crate) fn send_batch(socket: &UdpSocket, out: &[(SocketAddr, Vec<u8>)]) -> (u64, u64) {
+    const CHUNK: usize = 64;
+    let fd = socket.as_raw_fd();
+    let mut sent = 0u64;
+    let mut bytes = 0u64;
+    for chunk in out.chunks(CHUNK) {
+        let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
+            chunk.iter().map(|(a, _)| std_to_sockaddr(a)).collect();
+        let mut iovs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|(_, d)| libc::iovec {
+                iov_base: d.as_ptr() as *mut libc::c_void,
+                iov_len: d.len(),
+            })
+            .collect();
+        // SAFETY: mmsghdr is plain data; all pointer fields are set below.
+        let mut msgs: Vec<libc::mmsghdr> = (0..chunk.len())
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
+        for (i, m) in msgs.iter_mut().enumerate() {
+            let (ss, len) = &mut addrs[i];
+            m.msg_hdr.msg_name = ss as *mut libc::sockaddr_storage as *mut libc::c_void;
+            m.msg_hdr.msg_namelen = *len;
+            m.msg_hdr.msg_iov = &mut iovs[i] as *mut libc::iovec;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let mut start = 0usize;
+        while start < msgs.len() {
+            // SAFETY: msgs[start..] are initialized headers whose buffers outlive the call.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    msgs.as_mut_ptr().add(start),
+                    (msgs.len() - start) as libc::c_uint,
+                    0,
+                )
+            };
+            if n <= 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // Skip the datagram that failed and go on with the rest.
+                tracing::trace!(error = %err, "sendmmsg failed");
+                start += 1;
+                continue;
+            }
+            let n = n as usize;
+            for (_, d) in chunk.iter().skip(start).take(n) {
+                bytes += d.len() as u64;
+            }
+            sent += n as u64;
+            start += n;
+        }
+    }
+    (sent, bytes)
+}
+
+/// The thread that reads the socket and routes datagrams to workers.
+pub(crate) struct IoThread {
+    pub socket: Arc<UdpSocket>,
+    pub workers: Vec<mpsc::Sender<WorkerMsg>>,
+    pub backlogs: Vec<Arc<AtomicU64>>,
+    pub control: mpsc::Receiver<IoMsg>,
+    pub stop: Arc<AtomicBool>,
+    pub counters: Arc<Counters>,
+}
+
+impl IoThread {
+    pub(crate) fn run(self) {
+        let fd = self.socket.as_raw_fd();
+        let mut bufs = vec![[0u8; MAX_DATAGRAM]; RECV_BATCH];
+        let mut routes: HashMap<SocketAddr, usize> = HashMap::new();
+        let n_workers = self.workers.len();
+        let mut unroutable = 0u64;
+        let mut dropped_backlog = 0u64;
+        while !self.stop.load(Ordering::Relaxed) {
+            // SAFETY: plain data, zero is valid.
+            let mut addrs: [libc::sockaddr_storage; RECV_BATCH] = unsafe { std::mem::zeroed() };
+            let mut iovs: Vec<libc::iovec> = bufs
+                .iter_mut()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                    iov_len: MAX_DATAGRAM,
+                })
+                .collect();
+            let mut msgs: [MaybeUninit<libc::mmsghdr>; RECV_BATCH] =
+                [const { MaybeUninit::zeroed() }; RECV_BATCH];
+            for (i, m) in msgs.iter_mut().enumerate() {
+                // SAFETY: zeroed mmsghdr is valid plain data; we set its pointers.
+                let h = unsafe { m.assume_init_mut() };
+                h.msg_hdr.msg_name = &mut addrs[i] as *mut libc::sockaddr_storage as *mut _;
+                h.msg_hdr.msg_namelen =
+                    std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                h.msg_hdr.msg_iov = &mut iovs[i] as *mut libc::iovec;
+                h.msg_hdr.msg_iovlen = 1;
+            }
+            // SAFETY: msgs points to RECV_BATCH initialized headers with valid buffers. The
+            // blocking call returns after the socket's read timeout when idle.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    msgs.as_mut_ptr() as *mut libc::mmsghdr,
+                    RECV_BATCH as libc::c_uint,
+                    libc::MSG_WAITFORONE,
+                    std::ptr::null_mut(),
+                )
+            };
+            while let Ok(msg) = self.control.try_recv() {
+                match msg {
+                    IoMsg::Forget(list) => {
+                        for a in list {
+                            routes.remove(&a);
+                        }
+                    }
+                }
+            }
+            if n <= 0 {
+                continue;
+            }
+            let at = Instant::now();
+            let n = n as usize;
+            self.counters
+                .datagrams_in
+                .fetch_add(n as u64, Ordering::Relaxed);
+            let mut batches: Vec<Option<DatagramBatch>> = (0..n_workers).map(|_| None).collect();
+            for i in 0..n {
+                // SAFETY: the first `n` headers were filled by recvmmsg.
+                let h = unsafe { msgs[i].assume_init_ref() };
+                let len = (h.msg_len as usize).min(MAX_DATAGRAM);
+                let Some(src) = sockaddr_to_std(&addrs[i]) else {
+                    continue;
+                };
+                let data = &bufs[i][..len];
+                let worker = match routes.get(&src) {
+                    Some(w) => Some(*w),
+                    None if is_stun(data) => {
+                        let w = stun_local_ufrag(data)
+                            .and_then(worker_of_ufrag)
+                            .filter(|w| *w < n_workers);
+                        if let Some(w) = w {
+                            routes.insert(src, w);
+                        }
+                        w
+                    }
+                    None => None,
+                };
+                let Some(w) = worker else {
+                    unroutable += 1;
+                    continue;
+                };
+                let Some(slot) = batches.get_mut(w) else {
+                    continue;
+                };
+                let b = slot.get_or_insert_with(|| DatagramBatch {
+                    buf: Vec::with_capacity(len * 4),
+                    items: Vec::with_capacity(8),
+                    at,
+                });
+                let start = b.buf.len();
+                b.buf.extend_from_slice(data);
+                b.items.push((src, start, len));
+            }
+            for (w, b) in batches.into_iter().enumerate() {
+                let Some(b) = b else { continue };
+                let (Some(backlog), Some(tx)) = (self.backlogs.get(w), self.workers.get(w)) else {
+                    continue;
+                };
+                if backlog.load(Ordering::Relaxed) >= MAX_BACKLOG {
+                    dropped_backlog += b.items.len() as u64;
+                    continue;
+                }
+                backlog.fetch_add(1, Ordering::Relaxed);
+                if tx.send(WorkerMsg::Datagrams(b)).is_err() {
+                    backlog.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            if unroutable > 0 {
+                metrics::counter!(crate::metrics::PACKETS_DROPPED, "reason" => "unroutable")
+                    .increment(unroutable);
+                unroutable = 0;
+            }
+            if dropped_backlog > 0 {
+                metrics::counter!(crate::metrics::PACKETS_DROPPED, "reason" => "worker_backlog")
+                    .increment(dropped_backlog);
+                self.counters
+                    .packets_dropped
+                    .fetch_add(dropped_backlog, Ordering::Relaxed);
+                dropped_backlog = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stun_with_username(user: &[u8]) -> Vec<u8> {
+        let mut attrs = Vec::new();
+        // A SOFTWARE attribute first, odd length to exercise padding.
+        attrs.extend_from_slice(&[0x80, 0x22, 0x00, 0x03, b'a', b'b', b'c', 0]);
+        attrs.extend_from_slice(&[0x00, 0x06]);
+        attrs.extend_from_slice(&(user.len() as u16).to_be_bytes());
+        attrs.extend_from_slice(user);
+        while attrs.len() % 4 != 0 {
+            attrs.push(0);
+        }
+        let mut d = vec![0x00, 0x01];
+        d.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        d.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+        d.extend_from_slice(&[7; 12]);
+        d.extend_from_slice(&attrs);
+        d
+    }
+
+    #[test]
+    fn reads_the_server_ufrag_and_worker_from_a_binding_request() {
+        let d = stun_with_username(b"0003abcdefgh:clientufrag");
+        assert!(is_stun(&d));
+        assert_eq!(stun_local_ufrag(&d), Some("0003abcdefgh"));
+        assert_eq!(worker_of_ufrag("0003abcdefgh"), Some(3));
+        assert_eq!(worker_of_ufrag("zz"), None);
+    }
+
+    #[test]
+    fn malformed_stun_is_refused_without_panicking() {
+        let d = stun_with_username(b"0001x:y");
+        for cut in 0..d.len() {
+            let _ = stun_local_ufrag(&d[..cut]);
+        }
+        let mut bad_len = d.clone();
+        bad_len[3] = 0xff;
+        assert_eq!(stun_local_ufrag(&bad_len), None);
+        let mut not_binding = d.clone();
+        not_binding[1] = 0x11;
+        assert_eq!(stun_local_ufrag(&not_binding), None);
+        assert!(!is_stun(&[0x80, 0x60]));
+    }
+
+    #[test]
+    fn sendmmsg_delivers_a_batch_on_loopback() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let to = b.local_addr().unwrap();
+        let out: Vec<(SocketAddr, Vec<u8>)> = (0..100u8).map(|i| (to, vec![i; 10])).collect();
+        let (n, bytes) = send_batch(&a, &out);
+        assert_eq!((n, bytes), (100, 1000));
+        let mut buf = [0u8; 64];
+        for i in 0..100u8 {
+            let (len, from) = b.recv_from(&mut buf).unwrap();
+            assert_eq!((len, buf[0], from), (10, i, a.local_addr().unwrap()));
+        }
+    }
+}

@@ -1,0 +1,1935 @@
+//! A media worker: owns whole rooms and every `Rtc` in them, runs their poll loops, forwards
+//! packets between them, and answers commands from the async API.
+//!
+//! One loop iteration: wait for a message (a command or a batch of datagrams) or the earliest
+//! `Rtc` timeout; handle it; feed timeouts; process the queued `Rtc` events (this is where
+//! forwarding happens); run the periodic tick (layer selection, speakers, liveness); send
+//! everything the round produced with `sendmmsg`; flush counters.
+//!
+//! str0m's single-mutation rule is kept by construction: every mutation of an `Rtc`
+//! (`handle_input`, `write_rtp`, an SDP change, a keyframe request) is followed at once by
+//! [`drain`], which polls it to its timeout, queueing transmits into the round's send batch and
+//! events into the worker's event queue. Events are handled after the drain, one by one, so
+//! handling one (which may mutate other `Rtc`s) never re-enters a poll loop.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use str0m::bwe::{Bitrate, BweKind};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::{Codec, PayloadParams};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind as StrMediaKind, Mid, Pt, Rid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo, Ssrc, Vp8Descriptor};
+use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
+
+use super::forwarder::{Decision, DropReason, Forwarder, MediaKind, PacketInfo};
+use super::keyframe::KeyframeThrottle;
+use super::layers::{Cap, LayerSelector, LayerState};
+use super::net::{self, DatagramBatch, IoMsg};
+use super::rewriter::{RtpIn, RtpRewriter, Vp8Munger};
+use super::speakers::SpeakerDetector;
+use super::{
+    Command, ConsumerUpdate, Counters, Forwarding, IceCandidateInit, JoinResult, LayerInfo,
+    MediaSink, ParticipantInfo, ParticipantTracks, PcTarget, RoomInfo, RtcEvent, SfuError,
+    SubscriptionInfo, Track, TrackInfo, TrackKind, WorkerMsg,
+};
+use crate::codec::{Resolution, ResolutionProbe, VideoCodec, is_keyframe_start};
+use crate::ids::{CallId, SessionId, TrackId, UserId};
+use crate::metrics as m;
+
+/// How often layer selection, bitrate measurement, speakers and liveness run.
+const TICK: Duration = Duration::from_millis(100);
+/// A layer with no packet for this long is inactive.
+const LAYER_IDLE: Duration = Duration::from_millis(1500);
+/// A connection that received nothing for this long is dead.
+const CONN_IDLE: Duration = Duration::from_secs(20);
+/// A connection that never connected is given up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most messages handled per loop iteration before feeding timeouts and flushing.
+const MAX_MSGS_PER_ROUND: usize = 32;
+/// Starting bandwidth estimate for subscriber connections.
+const INITIAL_BWE_KBPS: u64 = 2_500;
+
+type ConnId = u64;
+
+pub(crate) struct WorkerInit {
+    pub idx: usize,
+    pub socket: Arc<std::net::UdpSocket>,
+    pub candidates: Vec<SocketAddr>,
+    pub sink: Arc<dyn MediaSink>,
+    pub io_tx: mpsc::Sender<IoMsg>,
+    pub counters: Arc<Counters>,
+    pub backlog: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Publisher,
+    Subscriber,
+}
+
+struct Conn {
+    rtc: Rtc,
+    room: CallId,
+    user: UserId,
+    role: Role,
+    ufrag: String,
+    addrs: Vec<SocketAddr>,
+    next_timeout: Instant,
+    created: Instant,
+    last_rx: Instant,
+    connected: bool,
+    dead: bool,
+    /// Publisher: SSRC → (track, layer index).
+    ssrc_map: HashMap<Ssrc, (TrackId, usize)>,
+    /// Subscriber: cumulative egress stats per mid, for NACK/RTX deltas.
+    egress: HashMap<Mid, (u64, u64)>,
+}
+
+struct Layer {
+    rid: Option<Rid>,
+    ssrc: Option<Ssrc>,
+    probe: Option<ResolutionProbe>,
+    resolution: Option<Resolution>,
+    throttle: KeyframeThrottle,
+    bytes: u64,
+    window_start: Instant,
+    bitrate: u64,
+    last_at: Option<Instant>,
+}
+
+struct PubTrack {
+    id: TrackId,
+    owner: UserId,
+    conn: ConnId,
+    mid: Mid,
+    kind: MediaKind,
+    codec: Option<Codec>,
+    video_codec: Option<VideoCodec>,
+    clock_rate: u32,
+    pt_params: Vec<(Pt, PayloadParams)>,
+    layers: Vec<Layer>,
+}
+
+impl PubTrack {
+    fn wire(&self) -> Track {
+        Track {
+            track_id: self.id.clone(),
+            user_id: self.owner.clone(),
+            kind: match self.kind {
+                MediaKind::Audio => TrackKind::Audio,
+                MediaKind::Video => TrackKind::Video,
+            },
+            mid: self.mid.to_string(),
+            rids: self
+                .layers
+                .iter()
+                .filter_map(|l| l.rid.map(|r| r.to_string()))
+                .collect(),
+        }
+    }
+
+    fn layer_states(&self, now: Instant) -> Vec<LayerState> {
+        self.layers
+            .iter()
+            .map(|l| LayerState {
+                width: l.resolution.map_or(0, |r| r.width),
+                height: l.resolution.map_or(0, |r| r.height),
+                bitrate: l.bitrate,
+                active: l
+                    .last_at
+                    .is_some_and(|t| now.saturating_duration_since(t) < LAYER_IDLE),
+            })
+            .collect()
+    }
+
+    /// Layer indices ordered lowest quality first: by measured pixels, then publisher order.
+    fn quality_order(&self) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.layers.len()).collect();
+        let all_measured = self.layers.iter().all(|l| l.resolution.is_some());
+        if all_measured {
+            idx.sort_by_key(|&i| {
+                self.layers
+                    .get(i)
+                    .and_then(|l| l.resolution)
+                    .map_or(0, |r| u64::from(r.width) * u64::from(r.height))
+            });
+        }
+        idx
+    }
+}
+
+struct Consumer {
+    track: TrackId,
+    mid: Mid,
+    ssrc: Option<Ssrc>,
+    pt_map: Vec<(Pt, Option<Pt>)>,
+    forwarder: Forwarder,
+    rewriter: Option<RtpRewriter>,
+    vp8: Vp8Munger,
+    selector: LayerSelector,
+    enabled: bool,
+    cap: Cap,
+    /// What billing was last told.
+    reported: Forwarding,
+    written: u64,
+    last_layer: Option<usize>,
+}
+
+struct Participant {
+    user: UserId,
+    session: SessionId,
+    publisher: Option<ConnId>,
+    subscriber: Option<ConnId>,
+    pending_offer: Option<SdpPendingOffer>,
+    renegotiate: bool,
+    consumers: HashMap<TrackId, Consumer>,
+    bwe: Option<u64>,
+    joined_seq: u64,
+}
+
+struct Room {
+    id: CallId,
+    participants: HashMap<UserId, Participant>,
+    tracks: HashMap<TrackId, PubTrack>,
+    speakers: SpeakerDetector<UserId>,
+}
+
+/// Per-round counters, flushed to metrics and [`Counters`] once per loop iteration.
+#[derive(Default)]
+struct RoundStats {
+    packets_in: u64,
+    bytes_in: u64,
+    forwarded: u64,
+    bytes_forwarded: u64,
+    dropped: [u64; 5],
+    keyframe_requests: u64,
+    nacks: u64,
+    rtx: u64,
+    layer_switches: u64,
+    dwell: Vec<Instant>,
+}
+
+const DROP_LABELS: [&str; 5] = [
+    "paused",
+    "other_layer",
+    "waiting_keyframe",
+    "duplicate",
+    "not_negotiated",
+];
+
+fn drop_index(r: DropReason) -> usize {
+    match r {
+        DropReason::Paused => 0,
+        DropReason::OtherLayer => 1,
+        DropReason::WaitingForKeyframe => 2,
+    }
+}
+
+pub(crate) struct Worker {
+    idx: usize,
+    socket: Arc<std::net::UdpSocket>,
+    candidates: Vec<SocketAddr>,
+    sink: Arc<dyn MediaSink>,
+    io_tx: mpsc::Sender<IoMsg>,
+    counters: Arc<Counters>,
+    backlog: Arc<AtomicU64>,
+    conns: HashMap<ConnId, Conn>,
+    next_conn: ConnId,
+    by_addr: HashMap<SocketAddr, ConnId>,
+    by_ufrag: HashMap<String, ConnId>,
+    rooms: HashMap<CallId, Room>,
+    out: Vec<(SocketAddr, Vec<u8>)>,
+    events: VecDeque<(ConnId, Event)>,
+    stats: RoundStats,
+    next_tick: Instant,
+    join_seq: u64,
+    epoch: (Instant, u64),
+    /// One DTLS certificate for every connection of this worker: generating a key pair per
+    /// connection costs milliseconds of CPU on each join.
+    dtls_cert: Option<str0m::config::DtlsCert>,
+}
+
+/// Polls `rtc` until its timeout: transmits go to `out`, events to `events`.
+fn drain(
+    id: ConnId,
+    conn: &mut Conn,
+    out: &mut Vec<(SocketAddr, Vec<u8>)>,
+    events: &mut VecDeque<(ConnId, Event)>,
+) {
+    loop {
+        if !conn.rtc.is_alive() {
+            conn.dead = true;
+            return;
+        }
+        match conn.rtc.poll_output() {
+            Ok(Output::Timeout(t)) => {
+                conn.next_timeout = t;
+                return;
+            }
+            Ok(Output::Transmit(t)) => out.push((t.destination, t.contents.into())),
+            Ok(Output::Event(e)) => events.push_back((id, e)),
+            Err(e) => {
+                tracing::debug!(error = %e, user = %conn.user, "rtc failed");
+                conn.dead = true;
+                conn.rtc.disconnect();
+                return;
+            }
+        }
+    }
+}
+
+fn random_token(n: usize) -> String {
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(n)
+        .map(char::from)
+        .collect()
+}
+
+fn video_codec_of(c: Codec) -> Option<VideoCodec> {
+    match c {
+        Codec::Vp8 => Some(VideoCodec::Vp8),
+        Codec::Vp9 => Some(VideoCodec::Vp9),
+        Codec::H264 => Some(VideoCodec::H264),
+        Codec::Av1 => Some(VideoCodec::Av1),
+        _ => None,
+    }
+}
+
+fn mime_of(kind: MediaKind, c: Codec) -> String {
+    let k = match kind {
+        MediaKind::Audio => "audio",
+        MediaKind::Video => "video",
+    };
+    format!("{k}/{c}")
+}
+
+impl Worker {
+    pub(crate) fn new(init: WorkerInit) -> Self {
+        let now = Instant::now();
+        let epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            idx: init.idx,
+            socket: init.socket,
+            candidates: init.candidates,
+            sink: init.sink,
+            io_tx: init.io_tx,
+            counters: init.counters,
+            backlog: init.backlog,
+            conns: HashMap::new(),
+            next_conn: 1,
+            by_addr: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            rooms: HashMap::new(),
+            out: Vec::with_capacity(256),
+            events: VecDeque::with_capacity(256),
+            stats: RoundStats::default(),
+            next_tick: now + TICK,
+            join_seq: 0,
+            epoch: (now, epoch_ms),
+            dtls_cert: str0m::crypto::from_feature_flags()
+                .dtls_provider
+                .generate_certificate(),
+        }
+    }
+
+    fn epoch_ms(&self, at: Instant) -> u64 {
+        let (base, ms) = self.epoch;
+        if at >= base {
+            ms + at.duration_since(base).as_millis() as u64
+        } else {
+            ms.saturating_sub(base.duration_since(at).as_millis() as u64)
+        }
+    }
+
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<WorkerMsg>) {
+        loop {
+            let now = Instant::now();
+            let deadline = self
+                .conns
+                .values()
+                .map(|c| c.next_timeout)
+                .fold(self.next_tick, Instant::min);
+            let wait = deadline.saturating_duration_since(now);
+            let first = if wait.is_zero() {
+                rx.try_recv().map_err(|e| match e {
+                    mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
+                    mpsc::TryRecvError::Disconnected => mpsc::RecvTimeoutError::Disconnected,
+                })
+            } else {
+                rx.recv_timeout(wait)
+            };
+            let mut msg = match first {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.shutdown();
+                    return;
+                }
+            };
+            let mut handled = 0;
+            while let Some(m) = msg.take() {
+                match m {
+                    WorkerMsg::Shutdown => {
+                        self.shutdown();
+                        self.flush();
+                        return;
+                    }
+                    WorkerMsg::Command(c) => self.command(c),
+                    WorkerMsg::Datagrams(b) => {
+                        self.backlog.fetch_sub(1, Ordering::Relaxed);
+                        self.datagrams(b);
+                    }
+                }
+                handled += 1;
+                if handled < MAX_MSGS_PER_ROUND {
+                    msg = rx.try_recv().ok();
+                }
+            }
+            let now = Instant::now();
+            // Forward what arrived, then feed the round's time to every due connection: this
+            // fires timers and makes str0m release the packets just written to subscribers,
+            // so they leave in this round's sendmmsg.
+            self.process_events();
+            self.timeouts(now);
+            self.process_events();
+            if now >= self.next_tick {
+                self.next_tick = now + TICK;
+                self.tick(now);
+                self.process_events();
+            }
+            self.reap();
+            self.flush();
+        }
+    }
+
+    // ---------------------------------------------------------------- I/O
+
+    fn datagrams(&mut self, b: DatagramBatch) {
+        let destination = self.candidates.first().copied().unwrap_or_else(|| {
+            self.socket
+                .local_addr()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+        });
+        for (src, start, len) in b.items {
+            let Some(data) = b.buf.get(start..start + len) else {
+                continue;
+            };
+            let Ok(contents) = data.try_into() else {
+                continue;
+            };
+            let input = Input::Receive(
+                b.at,
+                Receive {
+                    proto: Protocol::Udp,
+                    source: src,
+                    destination,
+                    contents,
+                },
+            );
+            let id = match self.by_addr.get(&src) {
+                Some(id) => Some(*id),
+                None if net::is_stun(data) => net::stun_local_ufrag(data)
+                    .and_then(|u| self.by_ufrag.get(u))
+                    .copied(),
+                None => None,
+            };
+            let Some(id) = id else {
+                continue;
+            };
+            let Some(conn) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            if conn.dead || !conn.rtc.accepts(&input) {
+                continue;
+            }
+            if let Err(e) = conn.rtc.handle_input(input) {
+                tracing::debug!(error = %e, "rtc input failed");
+                conn.dead = true;
+                continue;
+            }
+            conn.last_rx = b.at;
+            if let std::collections::hash_map::Entry::Vacant(e) = self.by_addr.entry(src) {
+                e.insert(id);
+                conn.addrs.push(src);
+            }
+            drain(id, conn, &mut self.out, &mut self.events);
+        }
+    }
+
+    fn timeouts(&mut self, now: Instant) {
+        for (id, conn) in self.conns.iter_mut() {
+            if conn.next_timeout <= now && !conn.dead {
+                if conn.rtc.handle_input(Input::Timeout(now)).is_err() {
+                    conn.dead = true;
+                    continue;
+                }
+                drain(*id, conn, &mut self.out, &mut self.events);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let forwarded_at = if self.out.is_empty() {
+            None
+        } else {
+            let (n, bytes) = net::send_batch(&self.socket, &self.out);
+            self.out.clear();
+            count(m::PACKETS_OUT, n);
+            count(m::BYTES_OUT, bytes);
+            self.counters.datagrams_out.fetch_add(n, Ordering::Relaxed);
+            Some(Instant::now())
+        };
+        let s = &mut self.stats;
+        if let Some(sent) = forwarded_at {
+            let h = metrics::histogram!(m::PACKET_DWELL);
+            let mut buckets = [0u64; super::DWELL_BUCKETS];
+            for at in s.dwell.drain(..) {
+                let d = sent.saturating_duration_since(at);
+                h.record(d.as_secs_f64());
+                let us = d.as_micros() as u64;
+                let i = super::DWELL_BOUNDS_US
+                    .iter()
+                    .position(|b| us <= *b)
+                    .unwrap_or(super::DWELL_BUCKETS - 1);
+                if let Some(b) = buckets.get_mut(i) {
+                    *b += 1;
+                }
+            }
+            for (i, n) in buckets.iter().enumerate() {
+                if *n > 0
+                    && let Some(a) = self.counters.dwell.get(i)
+                {
+                    a.fetch_add(*n, Ordering::Relaxed);
+                }
+            }
+        }
+        s.dwell.clear();
+        let c = &self.counters;
+        if s.packets_in > 0 {
+            count(m::PACKETS_IN, s.packets_in);
+            count(m::BYTES_IN, s.bytes_in);
+            c.packets_in.fetch_add(s.packets_in, Ordering::Relaxed);
+        }
+        if s.forwarded > 0 {
+            count(m::PACKETS_FORWARDED, s.forwarded);
+            count(m::BYTES_FORWARDED, s.bytes_forwarded);
+            c.packets_forwarded
+                .fetch_add(s.forwarded, Ordering::Relaxed);
+        }
+        for (i, n) in s.dropped.iter().enumerate() {
+            if *n > 0 {
+                metrics::counter!(m::PACKETS_DROPPED, "reason" => DROP_LABELS[i]).increment(*n);
+                c.packets_dropped.fetch_add(*n, Ordering::Relaxed);
+            }
+        }
+        if s.keyframe_requests > 0 {
+            count(m::PLIS, s.keyframe_requests);
+            c.keyframe_requests
+                .fetch_add(s.keyframe_requests, Ordering::Relaxed);
+        }
+        if s.nacks > 0 {
+            count(m::NACKS, s.nacks);
+            c.nacks.fetch_add(s.nacks, Ordering::Relaxed);
+        }
+        if s.rtx > 0 {
+            count(m::RTX, s.rtx);
+            c.rtx.fetch_add(s.rtx, Ordering::Relaxed);
+        }
+        if s.layer_switches > 0 {
+            count(m::LAYER_SWITCHES, s.layer_switches);
+            c.layer_switches
+                .fetch_add(s.layer_switches, Ordering::Relaxed);
+        }
+        let dwell = std::mem::take(&mut s.dwell);
+        *s = RoundStats {
+            dwell,
+            ..RoundStats::default()
+        };
+    }
+
+    // ---------------------------------------------------------------- connections
+
+    fn new_conn(&mut self, room: &CallId, user: &UserId, role: Role) -> ConnId {
+        let now = Instant::now();
+        let ufrag = format!("{:04x}{}", self.idx, random_token(12));
+        let creds = IceCreds {
+            ufrag: ufrag.clone(),
+            pass: random_token(24),
+        };
+        let mut builder = Rtc::builder()
+            .set_rtp_mode(true)
+            .set_ice_lite(true)
+            .set_local_ice_credentials(creds)
+            .set_stats_interval(Some(Duration::from_secs(1)))
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .enable_vp9(true)
+            .enable_h264(true)
+            .enable_av1(true);
+        if role == Role::Subscriber {
+            builder = builder.enable_bwe(Some(Bitrate::kbps(INITIAL_BWE_KBPS)));
+        }
+        if let Some(cert) = &self.dtls_cert {
+            builder = builder.set_dtls_cert(cert.clone());
+        }
+        let mut rtc = builder.build(now);
+        for addr in &self.candidates {
+            match Candidate::host(*addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "bad host candidate"),
+            }
+        }
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.by_ufrag.insert(ufrag.clone(), id);
+        self.conns.insert(
+            id,
+            Conn {
+                rtc,
+                room: room.clone(),
+                user: user.clone(),
+                role,
+                ufrag,
+                addrs: Vec::new(),
+                next_timeout: now,
+                created: now,
+                last_rx: now,
+                connected: false,
+                dead: false,
+                ssrc_map: HashMap::new(),
+                egress: HashMap::new(),
+            },
+        );
+        id
+    }
+
+    fn close_conn(&mut self, id: ConnId) {
+        let Some(mut conn) = self.conns.remove(&id) else {
+            return;
+        };
+        if conn.rtc.is_alive() && conn.rtc.close().is_ok() {
+            // Let the close output (DTLS close_notify, BYE) go out; drop any events.
+            let mut ev = VecDeque::new();
+            drain(id, &mut conn, &mut self.out, &mut ev);
+        }
+        self.by_ufrag.remove(&conn.ufrag);
+        for a in &conn.addrs {
+            self.by_addr.remove(a);
+        }
+        if !conn.addrs.is_empty() {
+            let _ = self.io_tx.send(IoMsg::Forget(conn.addrs));
+        }
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Join {
+                room,
+                user,
+                session,
+                reply,
+            } => {
+                let r = self.join(room, user, session);
+                self.process_events();
+                let _ = reply.send(r);
+            }
+            Command::Publish {
+                room,
+                user,
+                offer,
+                reply,
+            } => {
+                let r = self.publish(&room, &user, &offer);
+                self.process_events();
+                let _ = reply.send(r);
+            }
+            Command::Answer {
+                room,
+                user,
+                answer,
+                reply,
+            } => {
+                let r = self.answer(&room, &user, &answer);
+                self.process_events();
+                let _ = reply.send(r);
+            }
+            Command::Candidate {
+                room,
+                user,
+                target,
+                candidate,
+                reply,
+            } => {
+                let r = self.candidate(&room, &user, target, &candidate);
+                let _ = reply.send(r);
+            }
+            Command::Subscription {
+                room,
+                user,
+                track,
+                enabled,
+                max_width,
+                max_height,
+                reply,
+            } => {
+                let cap = Cap {
+                    max_width,
+                    max_height,
+                };
+                let r = self.subscription(&room, &user, &track, enabled, cap);
+                self.process_events();
+                let _ = reply.send(r);
+            }
+            Command::Leave { room, user, reply } => {
+                let r = if self
+                    .rooms
+                    .get(&room)
+                    .is_some_and(|r| r.participants.contains_key(&user))
+                {
+                    self.remove_participant(&room, &user, false);
+                    Ok(())
+                } else {
+                    Err(SfuError::NotJoined)
+                };
+                self.process_events();
+                let _ = reply.send(r);
+            }
+            Command::CloseRoom { room, reply } => {
+                self.close_room(&room);
+                let _ = reply.send(());
+            }
+            Command::Rooms { reply } => {
+                let now = Instant::now();
+                let v = self
+                    .rooms
+                    .values()
+                    .map(|r| self.room_info(r, now))
+                    .collect();
+                let _ = reply.send(v);
+            }
+            Command::Room { room, reply } => {
+                let now = Instant::now();
+                let v = self.rooms.get(&room).map(|r| self.room_info(r, now));
+                let _ = reply.send(v);
+            }
+        }
+    }
+
+    fn join(
+        &mut self,
+        room_id: CallId,
+        user: UserId,
+        session: SessionId,
+    ) -> Result<JoinResult, SfuError> {
+        if self
+            .rooms
+            .get(&room_id)
+            .is_some_and(|r| r.participants.contains_key(&user))
+        {
+            self.remove_participant(&room_id, &user, true);
+        }
+        if !self.rooms.contains_key(&room_id) {
+            self.rooms.insert(
+                room_id.clone(),
+                Room {
+                    id: room_id.clone(),
+                    participants: HashMap::new(),
+                    tracks: HashMap::new(),
+                    speakers: SpeakerDetector::default(),
+                },
+            );
+            metrics::gauge!(m::ROOMS).increment(1.0);
+        }
+        self.join_seq += 1;
+        let seq = self.join_seq;
+        let Some(room) = self.rooms.get_mut(&room_id) else {
+            return Err(SfuError::Internal);
+        };
+        let mut others: Vec<&Participant> = room.participants.values().collect();
+        others.sort_by_key(|p| p.joined_seq);
+        let participants = others
+            .iter()
+            .map(|p| {
+                let mut tracks: Vec<Track> = room
+                    .tracks
+                    .values()
+                    .filter(|t| t.owner == p.user)
+                    .map(PubTrack::wire)
+                    .collect();
+                tracks.sort_by(|a, b| a.mid.cmp(&b.mid));
+                ParticipantTracks {
+                    user_id: p.user.clone(),
+                    tracks,
+                }
+            })
+            .collect();
+        let joined = RtcEvent::ParticipantJoined {
+            call_id: room_id.clone(),
+            user_id: user.clone(),
+        };
+        for p in room.participants.values() {
+            self.sink.deliver(p.session, joined.clone());
+        }
+        self.sink.room_event(&joined);
+        room.participants.insert(
+            user.clone(),
+            Participant {
+                user: user.clone(),
+                session,
+                publisher: None,
+                subscriber: None,
+                pending_offer: None,
+                renegotiate: false,
+                consumers: HashMap::new(),
+                bwe: None,
+                joined_seq: seq,
+            },
+        );
+        // Layers measured before this join: tell the newcomer what the others already know.
+        for t in room.tracks.values() {
+            for l in &t.layers {
+                if let Some(res) = l.resolution {
+                    self.sink.deliver(
+                        session,
+                        RtcEvent::TrackResolution {
+                            call_id: room_id.clone(),
+                            track_id: t.id.clone(),
+                            rid: l.rid.map(|r| r.to_string()).unwrap_or_default(),
+                            width: res.width,
+                            height: res.height,
+                        },
+                    );
+                }
+            }
+        }
+        let count = room.participants.len();
+        metrics::gauge!(m::PARTICIPANTS).increment(1.0);
+        let now_ms = self.epoch_ms(Instant::now());
+        self.sink.room_changed(&room_id, count, now_ms);
+        self.renegotiate(&room_id, &user);
+        Ok(JoinResult { participants })
+    }
+
+    fn publish(
+        &mut self,
+        room_id: &CallId,
+        user: &UserId,
+        offer: &str,
+    ) -> Result<String, SfuError> {
+        let existing = self
+            .rooms
+            .get(room_id)
+            .and_then(|r| r.participants.get(user))
+            .ok_or(SfuError::NotJoined)?
+            .publisher;
+        let offer =
+            SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let id = self.new_conn(room_id, user, Role::Publisher);
+                if let Some(p) = self
+                    .rooms
+                    .get_mut(room_id)
+                    .and_then(|r| r.participants.get_mut(user))
+                {
+                    p.publisher = Some(id);
+                }
+                id
+            }
+        };
+        let conn = self.conns.get_mut(&id).ok_or(SfuError::Internal)?;
+        let answer = conn
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        drain(id, conn, &mut self.out, &mut self.events);
+        Ok(answer.to_sdp_string())
+    }
+
+    fn answer(&mut self, room_id: &CallId, user: &UserId, answer: &str) -> Result<(), SfuError> {
+        let room = self.rooms.get_mut(room_id).ok_or(SfuError::NotJoined)?;
+        let p = room.participants.get_mut(user).ok_or(SfuError::NotJoined)?;
+        let sub = p.subscriber.ok_or(SfuError::NoOfferPending)?;
+        let pending = p.pending_offer.take().ok_or(SfuError::NoOfferPending)?;
+        let conn = self.conns.get_mut(&sub).ok_or(SfuError::Internal)?;
+        let parsed = match SdpAnswer::from_sdp_string(answer) {
+            Ok(a) => a,
+            Err(e) => {
+                // Keep the offer outstanding: the client may retry with a valid answer.
+                p.pending_offer = Some(pending);
+                return Err(SfuError::BadSdp(e.to_string()));
+            }
+        };
+        let accepted = conn.rtc.sdp_api().accept_answer(pending, parsed);
+        let result = match accepted {
+            Ok(()) => {
+                for c in p.consumers.values_mut() {
+                    if c.ssrc.is_none() {
+                        c.ssrc = conn
+                            .rtc
+                            .direct_api()
+                            .stream_tx_by_mid(c.mid, None)
+                            .map(|s| s.ssrc());
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The offered m-lines are void; offer them again.
+                p.consumers.retain(|_, c| c.ssrc.is_some());
+                p.renegotiate = true;
+                Err(SfuError::BadSdp(e.to_string()))
+            }
+        };
+        drain(sub, conn, &mut self.out, &mut self.events);
+        let again = std::mem::take(&mut p.renegotiate);
+        if again {
+            self.renegotiate(room_id, user);
+        }
+        self.select_layers(room_id, Some(user), Instant::now());
+        result
+    }
+
+    fn candidate(
+        &mut self,
+        room_id: &CallId,
+        user: &UserId,
+        target: PcTarget,
+        cand: &IceCandidateInit,
+    ) -> Result<(), SfuError> {
+        let p = self
+            .rooms
+            .get(room_id)
+            .and_then(|r| r.participants.get(user))
+            .ok_or(SfuError::NotJoined)?;
+        let id = match target {
+            PcTarget::Publisher => p.publisher,
+            PcTarget::Subscriber => p.subscriber,
+        }
+        .ok_or_else(|| SfuError::BadCandidate("no such connection yet".into()))?;
+        let line = cand.candidate.trim();
+        let line = line.strip_prefix("a=").unwrap_or(line);
+        if line.is_empty() {
+            // End-of-candidates marker.
+            return Ok(());
+        }
+        let c =
+            Candidate::from_sdp_string(line).map_err(|e| SfuError::BadCandidate(e.to_string()))?;
+        let conn = self.conns.get_mut(&id).ok_or(SfuError::Internal)?;
+        conn.rtc.add_remote_candidate(c);
+        drain(id, conn, &mut self.out, &mut self.events);
+        Ok(())
+    }
+
+    fn subscription(
+        &mut self,
+        room_id: &CallId,
+        user: &UserId,
+        track: &TrackId,
+        enabled: bool,
+        cap: Cap,
+    ) -> Result<(), SfuError> {
+        let now = Instant::now();
+        let at_ms = self.epoch_ms(now);
+        let room = self.rooms.get_mut(room_id).ok_or(SfuError::NotJoined)?;
+        let p = room.participants.get_mut(user).ok_or(SfuError::NotJoined)?;
+        if !room.tracks.contains_key(track) {
+            return Err(SfuError::UnknownTrack);
+        }
+        let Some(c) = p.consumers.get_mut(track) else {
+            // The caller's own track, or not offered yet: nothing to change.
+            return if room.tracks.get(track).is_some_and(|t| t.owner == *user) {
+                Err(SfuError::UnknownTrack)
+            } else {
+                Ok(())
+            };
+        };
+        c.cap = cap;
+        if c.enabled != enabled {
+            c.enabled = enabled;
+            let stopped = c.forwarder.set_paused(!enabled);
+            if stopped {
+                report(&*self.sink, room_id, user, c, Forwarding::Stopped, at_ms);
+            }
+        }
+        self.select_layers(room_id, Some(user), now);
+        Ok(())
+    }
+
+    fn close_room(&mut self, room_id: &CallId) {
+        let users: Vec<UserId> = self
+            .rooms
+            .get(room_id)
+            .map(|r| r.participants.keys().cloned().collect())
+            .unwrap_or_default();
+        for u in users {
+            self.remove_participant(room_id, &u, false);
+        }
+        if self.rooms.remove(room_id).is_some() {
+            metrics::gauge!(m::ROOMS).decrement(1.0);
+        }
+        self.events.clear();
+    }
+
+    fn shutdown(&mut self) {
+        let rooms: Vec<CallId> = self.rooms.keys().cloned().collect();
+        for r in rooms {
+            self.close_room(&r);
+        }
+    }
+
+    /// Removes a participant: stops its consumers, unpublishes its tracks, closes its
+    /// connections, tells the others. `replaced`: a newer join of the same user; the old session
+    /// is told it left.
+    fn remove_participant(&mut self, room_id: &CallId, user: &UserId, replaced: bool) {
+        let now = Instant::now();
+        let at_ms = self.epoch_ms(now);
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        let Some(mut p) = room.participants.remove(user) else {
+            return;
+        };
+        metrics::gauge!(m::PARTICIPANTS).decrement(1.0);
+        for c in p.consumers.values_mut() {
+            report(&*self.sink, room_id, user, c, Forwarding::Stopped, at_ms);
+        }
+        let owned: Vec<TrackId> = room
+            .tracks
+            .values()
+            .filter(|t| t.owner == *user)
+            .map(|t| t.id.clone())
+            .collect();
+        room.speakers.remove(user);
+        if replaced {
+            self.sink.deliver(
+                p.session,
+                RtcEvent::ParticipantLeft {
+                    call_id: room_id.clone(),
+                    user_id: user.clone(),
+                },
+            );
+        }
+        for t in owned {
+            self.unpublish(room_id, &t, at_ms);
+        }
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        let left = RtcEvent::ParticipantLeft {
+            call_id: room_id.clone(),
+            user_id: user.clone(),
+        };
+        for o in room.participants.values() {
+            self.sink.deliver(o.session, left.clone());
+        }
+        self.sink.room_event(&left);
+        let count = room.participants.len();
+        self.sink.room_changed(room_id, count, at_ms);
+        for id in [p.publisher, p.subscriber].into_iter().flatten() {
+            self.close_conn(id);
+        }
+        // Drop queued events of the closed connections.
+        let conns = &self.conns;
+        self.events.retain(|(id, _)| conns.contains_key(id));
+    }
+
+    fn unpublish(&mut self, room_id: &CallId, track_id: &TrackId, at_ms: u64) {
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        let Some(track) = room.tracks.remove(track_id) else {
+            return;
+        };
+        metrics::gauge!(m::TRACKS, "kind" => kind_label(track.kind)).decrement(1.0);
+        if let Some(conn) = self.conns.get_mut(&track.conn) {
+            conn.ssrc_map.retain(|_, (t, _)| t != track_id);
+        }
+        let wire = track.wire();
+        let mut others = Vec::new();
+        for p in room.participants.values_mut() {
+            if p.user == track.owner {
+                continue;
+            }
+            if let Some(c) = p.consumers.get_mut(track_id) {
+                report(&*self.sink, room_id, &p.user, c, Forwarding::Stopped, at_ms);
+            }
+            self.sink.deliver(
+                p.session,
+                RtcEvent::TrackUnpublished {
+                    call_id: room_id.clone(),
+                    track: wire.clone(),
+                },
+            );
+            others.push(p.user.clone());
+        }
+        self.sink.room_event(&RtcEvent::TrackUnpublished {
+            call_id: room_id.clone(),
+            track: wire,
+        });
+        for u in others {
+            self.renegotiate(room_id, &u);
+        }
+    }
+
+    /// Brings the participant's subscriber connection in line with the room's tracks: one
+    /// negotiation in flight at a time, the next queued until the answer.
+    fn renegotiate(&mut self, room_id: &CallId, user: &UserId) {
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        let Some(p) = room.participants.get_mut(user) else {
+            return;
+        };
+        if p.pending_offer.is_some() {
+            p.renegotiate = true;
+            return;
+        }
+        let mut wanted: Vec<&PubTrack> = room
+            .tracks
+            .values()
+            .filter(|t| t.owner != *user && !p.consumers.contains_key(&t.id))
+            .collect();
+        wanted.sort_by(|a, b| (&a.owner, a.mid.to_string()).cmp(&(&b.owner, b.mid.to_string())));
+        let gone: Vec<TrackId> = p
+            .consumers
+            .keys()
+            .filter(|t| !room.tracks.contains_key(*t))
+            .cloned()
+            .collect();
+        if wanted.is_empty() && gone.is_empty() {
+            return;
+        }
+        let sub = match p.subscriber {
+            Some(id) => id,
+            None => {
+                if wanted.is_empty() {
+                    return;
+                }
+                let id = self.new_conn(room_id, user, Role::Subscriber);
+                if let Some(p) = self
+                    .rooms
+                    .get_mut(room_id)
+                    .and_then(|r| r.participants.get_mut(user))
+                {
+                    p.subscriber = Some(id);
+                }
+                return self.renegotiate(room_id, user);
+            }
+        };
+        let Some(conn) = self.conns.get_mut(&sub) else {
+            return;
+        };
+        let mut api = conn.rtc.sdp_api();
+        for t in &wanted {
+            let kind = match t.kind {
+                MediaKind::Audio => StrMediaKind::Audio,
+                MediaKind::Video => StrMediaKind::Video,
+            };
+            let mid = api.add_media(
+                kind,
+                Direction::SendOnly,
+                Some(t.owner.to_string()),
+                Some(t.id.to_string()),
+                None,
+            );
+            let target = if t.kind == MediaKind::Audio {
+                Some(0)
+            } else {
+                None
+            };
+            p.consumers.insert(
+                t.id.clone(),
+                Consumer {
+                    track: t.id.clone(),
+                    mid,
+                    ssrc: None,
+                    pt_map: Vec::new(),
+                    forwarder: Forwarder::new(t.kind, target),
+                    rewriter: None,
+                    vp8: Vp8Munger::default(),
+                    selector: LayerSelector::default(),
+                    enabled: true,
+                    cap: Cap::default(),
+                    reported: Forwarding::Stopped,
+                    written: 0,
+                    last_layer: None,
+                },
+            );
+        }
+        for t in &gone {
+            if let Some(c) = p.consumers.remove(t) {
+                // Inactive rather than stopped: an offer whose m-lines are all stopped has no
+                // BUNDLE group, and str0m then refuses the (group-less) answer.
+                api.set_direction(c.mid, Direction::Inactive);
+            }
+        }
+        if !api.has_changes() {
+            return;
+        }
+        if let Some((offer, pending)) = api.apply() {
+            p.pending_offer = Some(pending);
+            let mut sdp = offer.to_sdp_string();
+            // str0m keeps only RFC 8830 token characters in msid; user IDs may also contain
+            // '@'. Put the exact `<user_id> <track_id>` back (the track ID is all token chars).
+            for c in p.consumers.values() {
+                let Some(owner) = room.tracks.get(&c.track).map(|t| t.owner.as_str()) else {
+                    continue;
+                };
+                if owner.contains('@') {
+                    let clean: String = owner.chars().filter(|ch| *ch != '@').collect();
+                    sdp = sdp.replace(
+                        &format!("msid:{clean} {}", c.track),
+                        &format!("msid:{owner} {}", c.track),
+                    );
+                }
+            }
+            self.sink.deliver(
+                p.session,
+                RtcEvent::RtcOffer {
+                    call_id: room_id.clone(),
+                    sdp,
+                },
+            );
+        }
+        drain(sub, conn, &mut self.out, &mut self.events);
+    }
+
+    // ---------------------------------------------------------------- events
+
+    fn process_events(&mut self) {
+        while let Some((id, ev)) = self.events.pop_front() {
+            self.event(id, ev);
+        }
+    }
+
+    fn event(&mut self, id: ConnId, ev: Event) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let role = conn.role;
+        match ev {
+            Event::Connected => conn.connected = true,
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) | Event::Closed => {
+                conn.dead = true;
+            }
+            Event::RtpPacket(pkt) if role == Role::Publisher => self.rtp(id, pkt),
+            Event::MediaAdded(added)
+                if role == Role::Publisher && added.direction.is_receiving() =>
+            {
+                let rids: Vec<Rid> = added
+                    .simulcast
+                    .map(|s| {
+                        if s.recv.is_empty() {
+                            s.send.into_iter().map(|l| l.rid).collect()
+                        } else {
+                            s.recv.into_iter().map(|l| l.rid).collect()
+                        }
+                    })
+                    .unwrap_or_default();
+                let kind = if added.kind == StrMediaKind::Audio {
+                    MediaKind::Audio
+                } else {
+                    MediaKind::Video
+                };
+                self.add_track(id, added.mid, kind, rids);
+            }
+            Event::MediaChanged(changed) if role == Role::Publisher => {
+                let (room_id, user) = (conn.room.clone(), conn.user.clone());
+                let existing = self.rooms.get(&room_id).and_then(|r| {
+                    r.tracks
+                        .values()
+                        .find(|t| t.conn == id && t.mid == changed.mid)
+                        .map(|t| t.id.clone())
+                });
+                match (existing, changed.direction.is_receiving()) {
+                    (Some(t), false) => {
+                        let at_ms = self.epoch_ms(Instant::now());
+                        self.unpublish(&room_id, &t, at_ms);
+                    }
+                    (None, true) => {
+                        let kind = self
+                            .conns
+                            .get(&id)
+                            .and_then(|c| c.rtc.media(changed.mid))
+                            .map(|md| md.kind());
+                        let rids: Vec<Rid> = self
+                            .conns
+                            .get(&id)
+                            .and_then(|c| c.rtc.media(changed.mid))
+                            .map(|md| match md.rids_rx() {
+                                str0m::media::Rids::Specific(v) => v.clone(),
+                                _ => Vec::new(),
+                            })
+                            .unwrap_or_default();
+                        let kind = if kind == Some(StrMediaKind::Audio) {
+                            MediaKind::Audio
+                        } else {
+                            MediaKind::Video
+                        };
+                        let _ = user;
+                        self.add_track(id, changed.mid, kind, rids);
+                    }
+                    _ => {}
+                }
+            }
+            Event::KeyframeRequest(req) if role == Role::Subscriber => {
+                let (room_id, user) = (conn.room.clone(), conn.user.clone());
+                let layer_track = self.rooms.get(&room_id).and_then(|r| {
+                    let p = r.participants.get(&user)?;
+                    let c = p.consumers.values().find(|c| c.mid == req.mid)?;
+                    Some((
+                        c.track.clone(),
+                        c.forwarder.current().or(c.forwarder.target())?,
+                    ))
+                });
+                if let Some((t, layer)) = layer_track {
+                    self.request_keyframe(&room_id, &t, layer, Instant::now());
+                }
+            }
+            Event::EgressBitrateEstimate(kind) if role == Role::Subscriber => {
+                let bps = match kind {
+                    BweKind::Twcc { estimate, .. } | BweKind::Remb { estimate, .. } => {
+                        estimate.as_u64()
+                    }
+                    _ => return,
+                };
+                let (room_id, user) = (conn.room.clone(), conn.user.clone());
+                if let Some(p) = self
+                    .rooms
+                    .get_mut(&room_id)
+                    .and_then(|r| r.participants.get_mut(&user))
+                {
+                    p.bwe = Some(bps);
+                }
+            }
+            Event::MediaEgressStats(s) if role == Role::Subscriber => {
+                let (nacks, packets) = (s.nacks, s.packets);
+                let prev = conn.egress.insert(s.mid, (nacks, packets));
+                let (pn, _) = prev.unwrap_or((0, 0));
+                self.stats.nacks += nacks.saturating_sub(pn);
+                // RTX estimate: packets str0m sent on this m-line beyond those we wrote.
+                let (room_id, user) = (conn.room.clone(), conn.user.clone());
+                if let Some(c) = self
+                    .rooms
+                    .get(&room_id)
+                    .and_then(|r| r.participants.get(&user))
+                    .and_then(|p| p.consumers.values().find(|c| c.mid == s.mid))
+                {
+                    let extra = packets.saturating_sub(c.written);
+                    let prev_extra = prev.map_or(0, |(_, pp)| pp.saturating_sub(c.written));
+                    self.stats.rtx += extra.saturating_sub(prev_extra);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn add_track(&mut self, conn_id: ConnId, mid: Mid, kind: MediaKind, rids: Vec<Rid>) {
+        let Some(conn) = self.conns.get(&conn_id) else {
+            return;
+        };
+        let (room_id, owner) = (conn.room.clone(), conn.user.clone());
+        let Some(room) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        if room
+            .tracks
+            .values()
+            .any(|t| t.conn == conn_id && t.mid == mid)
+        {
+            return;
+        }
+        let now = Instant::now();
+        let layer = |rid: Option<Rid>| Layer {
+            rid,
+            ssrc: None,
+            probe: None,
+            resolution: None,
+            throttle: KeyframeThrottle::default(),
+            bytes: 0,
+            window_start: now,
+            bitrate: 0,
+            last_at: None,
+        };
+        let layers: Vec<Layer> = if rids.is_empty() {
+            vec![layer(None)]
+        } else {
+            rids.into_iter().map(|r| layer(Some(r))).collect()
+        };
+        let track = PubTrack {
+            id: TrackId::random(),
+            owner: owner.clone(),
+            conn: conn_id,
+            mid,
+            kind,
+            codec: None,
+            video_codec: None,
+            clock_rate: if kind == MediaKind::Audio {
+                48_000
+            } else {
+                90_000
+            },
+            pt_params: Vec::new(),
+            layers,
+        };
+        metrics::gauge!(m::TRACKS, "kind" => kind_label(kind)).increment(1.0);
+        let wire = track.wire();
+        room.tracks.insert(track.id.clone(), track);
+        let mut others = Vec::new();
+        for p in room.participants.values() {
+            if p.user == owner {
+                continue;
+            }
+            self.sink.deliver(
+                p.session,
+                RtcEvent::TrackPublished {
+                    call_id: room_id.clone(),
+                    track: wire.clone(),
+                },
+            );
+            others.push(p.user.clone());
+        }
+        self.sink.room_event(&RtcEvent::TrackPublished {
+            call_id: room_id.clone(),
+            track: wire,
+        });
+        for u in others {
+            self.renegotiate(&room_id, &u);
+        }
+    }
+
+    fn request_keyframe(&mut self, room_id: &CallId, track: &TrackId, layer: usize, now: Instant) {
+        let Some(t) = self
+            .rooms
+            .get_mut(room_id)
+            .and_then(|r| r.tracks.get_mut(track))
+        else {
+            return;
+        };
+        if t.kind != MediaKind::Video {
+            return;
+        }
+        let Some(l) = t.layers.get_mut(layer) else {
+            return;
+        };
+        let Some(ssrc) = l.ssrc else {
+            return;
+        };
+        if !l.throttle.allow(now) {
+            return;
+        }
+        let conn_id = t.conn;
+        let Some(conn) = self.conns.get_mut(&conn_id) else {
+            return;
+        };
+        if let Some(rx) = conn.rtc.direct_api().stream_rx(&ssrc) {
+            rx.request_keyframe(KeyframeRequestKind::Pli);
+            self.stats.keyframe_requests += 1;
+        }
+        drain(conn_id, conn, &mut self.out, &mut self.events);
+    }
+
+    /// The packet path: one RTP packet from a publisher, fanned out to its consumers.
+    fn rtp(&mut self, conn_id: ConnId, pkt: RtpPacket) {
+        let Worker {
+            conns,
+            rooms,
+            out,
+            events,
+            stats,
+            sink,
+            epoch,
+            ..
+        } = self;
+        let Some(conn) = conns.get_mut(&conn_id) else {
+            return;
+        };
+        let ssrc = pkt.header.ssrc;
+        let room_id = conn.room.clone();
+        let Some(room) = rooms.get_mut(&room_id) else {
+            return;
+        };
+        // Resolve SSRC → (track, layer) once per stream.
+        let (track_id, li) = match conn.ssrc_map.get(&ssrc) {
+            Some(v) => v.clone(),
+            None => {
+                let Some((mid, rid)) = conn
+                    .rtc
+                    .direct_api()
+                    .stream_rx(&ssrc)
+                    .map(|s| (s.mid(), s.rid()))
+                else {
+                    return;
+                };
+                let Some(t) = room
+                    .tracks
+                    .values()
+                    .find(|t| t.conn == conn_id && t.mid == mid)
+                else {
+                    return;
+                };
+                let li = match rid {
+                    Some(r) => t.layers.iter().position(|l| l.rid == Some(r)),
+                    None => (t.layers.len() == 1).then_some(0),
+                };
+                let Some(li) = li else {
+                    return;
+                };
+                conn.ssrc_map.insert(ssrc, (t.id.clone(), li));
+                (t.id.clone(), li)
+            }
+        };
+        let Some(track) = room.tracks.get_mut(&track_id) else {
+            return;
+        };
+        let now = pkt.timestamp;
+        let at_ms = {
+            let (base, ms) = *epoch;
+            ms + now.saturating_duration_since(base).as_millis() as u64
+        };
+        stats.packets_in += 1;
+        stats.bytes_in += pkt.payload.len() as u64;
+
+        // Codec, once per payload type.
+        let pt = pkt.header.payload_type;
+        let params = match track.pt_params.iter().find(|(p, _)| *p == pt) {
+            Some((_, params)) => *params,
+            None => {
+                let Some(params) = conn.rtc.codec_config().find(|p| p.pt() == pt).copied() else {
+                    return;
+                };
+                track.pt_params.push((pt, params));
+                params
+            }
+        };
+        let codec = params.spec().codec;
+        if track.codec != Some(codec) {
+            track.codec = Some(codec);
+            track.video_codec = video_codec_of(codec);
+            track.clock_rate = params.spec().clock_rate.get();
+            if let Some(vc) = track.video_codec {
+                for l in &mut track.layers {
+                    l.probe = Some(ResolutionProbe::new(vc));
+                }
+            }
+        }
+        let Some(layer) = track.layers.get_mut(li) else {
+            return;
+        };
+        layer.ssrc = Some(ssrc);
+        layer.last_at = Some(now);
+        layer.bytes += pkt.payload.len() as u64;
+
+        // Measured resolution: tell the room, and billing for consumers on this layer.
+        if let Some(probe) = layer.probe.as_mut()
+            && let Some(res) = probe.push(*pkt.seq_no, pkt.header.marker, &pkt.payload)
+            && layer.resolution != Some(res)
+        {
+            layer.resolution = Some(res);
+            let rid = layer.rid.map(|r| r.to_string()).unwrap_or_default();
+            for p in room.participants.values_mut() {
+                sink.deliver(
+                    p.session,
+                    RtcEvent::TrackResolution {
+                        call_id: room_id.clone(),
+                        track_id: track_id.clone(),
+                        rid: rid.clone(),
+                        width: res.width,
+                        height: res.height,
+                    },
+                );
+                if let Some(c) = p.consumers.get_mut(&track_id)
+                    && c.forwarder.current() == Some(li)
+                {
+                    report(&**sink, &room_id, &p.user, c, Forwarding::Video(res), at_ms);
+                }
+            }
+            sink.room_event(&RtcEvent::TrackResolution {
+                call_id: room_id.clone(),
+                track_id: track_id.clone(),
+                rid,
+                width: res.width,
+                height: res.height,
+            });
+        }
+        let resolution = layer.resolution;
+        let keyframe_start = track
+            .video_codec
+            .is_some_and(|vc| is_keyframe_start(vc, &pkt.payload));
+        if track.kind == MediaKind::Audio
+            && let Some(level) = pkt.header.ext_vals.audio_level
+        {
+            room.speakers.observe(&track.owner, level, now);
+        }
+        let vp8 = if track.video_codec == Some(VideoCodec::Vp8) {
+            Vp8Descriptor::parse(&pkt.payload).ok()
+        } else {
+            None
+        };
+        let exts = ExtensionValues {
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            video_orientation: pkt.header.ext_vals.video_orientation,
+            ..ExtensionValues::default()
+        };
+        let kind = track.kind;
+        let clock_rate = track.clock_rate;
+        let owner = track.owner.clone();
+        let mut want_keyframe: Option<usize> = None;
+        let rtp_in = RtpIn {
+            seq: *pkt.seq_no,
+            ts: pkt.time.numer(),
+            arrival: now,
+        };
+
+        for p in room.participants.values_mut() {
+            if p.user == owner {
+                continue;
+            }
+            let Some(c) = p.consumers.get_mut(&track_id) else {
+                continue;
+            };
+            let (Some(tx_ssrc), Some(sub_id)) = (c.ssrc, p.subscriber) else {
+                stats.dropped[4] += 1;
+                continue;
+            };
+            let decision = c.forwarder.decide(PacketInfo {
+                layer: li,
+                keyframe_start,
+            });
+            if c.forwarder.needs_keyframe() {
+                want_keyframe = c.forwarder.target();
+            }
+            let switched = match decision {
+                Decision::Drop(r) => {
+                    stats.dropped[drop_index(r)] += 1;
+                    continue;
+                }
+                Decision::Forward { switched } => switched,
+            };
+            let Some(sub) = conns.get_mut(&sub_id) else {
+                continue;
+            };
+            // Subscriber PT for this codec, once per publisher PT.
+            let out_pt = match c.pt_map.iter().find(|(p, _)| *p == pt) {
+                Some((_, o)) => *o,
+                None => {
+                    let o = sub
+                        .rtc
+                        .codec_config()
+                        .match_params(params)
+                        .map(|p| p.pt())
+                        .filter(|o| {
+                            sub.rtc
+                                .media(c.mid)
+                                .is_some_and(|md| md.remote_pts().contains(o))
+                        });
+                    c.pt_map.push((pt, o));
+                    o
+                }
+            };
+            let Some(out_pt) = out_pt else {
+                stats.dropped[4] += 1;
+                continue;
+            };
+            let rewriter = c.rewriter.get_or_insert_with(|| {
+                let mut r = rand::rng();
+                RtpRewriter::new(clock_rate, r.random_range(0..0x4000), r.random())
+            });
+            let rewritten = if switched {
+                let o = rewriter.switch_to(rtp_in);
+                if let Some(d) = &vp8 {
+                    c.vp8.switch_to(d.picture_id(), d.tl0_pic_idx());
+                }
+                if c.last_layer.is_some_and(|l| l != li) {
+                    stats.layer_switches += 1;
+                }
+                c.last_layer = Some(li);
+                let f = match kind {
+                    MediaKind::Audio => Forwarding::Audio,
+                    MediaKind::Video => Forwarding::Video(resolution.unwrap_or(Resolution {
+                        width: 0,
+                        height: 0,
+                    })),
+                };
+                report(&**sink, &room_id, &p.user, c, f, at_ms);
+                Ok(o)
+            } else {
+                rewriter.rewrite(rtp_in)
+            };
+            let Ok(o) = rewritten else {
+                stats.dropped[3] += 1;
+                continue;
+            };
+            let mut w = RtpWrite::new(out_pt, SeqNo::from(o.seq), o.ts, now, pkt.payload.clone())
+                .marker(pkt.header.marker)
+                .ext_vals(exts.clone())
+                .nackable(kind == MediaKind::Video);
+            if let Some(d) = &vp8 {
+                let (pic, tl0) = c.vp8.rewrite(d.picture_id(), d.tl0_pic_idx());
+                let mut b = d.patch();
+                if let Some(pic) = pic {
+                    b = b.picture_id(pic);
+                }
+                if let Some(t) = tl0 {
+                    b = b.tl0_pic_idx(t);
+                }
+                if let Some(k) = d.key_idx() {
+                    b = b.key_idx(k);
+                }
+                match b.build() {
+                    Ok(patch) => w = w.vp8_patch(patch),
+                    Err(_) => {
+                        // A 7-bit picture ID cannot carry the rewritten value: send as is.
+                    }
+                }
+            }
+            let mut api = sub.rtc.direct_api();
+            let Some(stream) = api.stream_tx(&tx_ssrc) else {
+                stats.dropped[4] += 1;
+                continue;
+            };
+            stream.write_rtp(w);
+            c.written += 1;
+            stats.forwarded += 1;
+            stats.bytes_forwarded += pkt.payload.len() as u64;
+            stats.dwell.push(now);
+            drain(sub_id, sub, out, events);
+        }
+        if let Some(layer) = want_keyframe {
+            self.request_keyframe(&room_id, &track_id, layer, now);
+        }
+    }
+
+    // ---------------------------------------------------------------- periodic
+
+    fn tick(&mut self, now: Instant) {
+        // Layer bitrates over one-second windows.
+        for room in self.rooms.values_mut() {
+            for t in room.tracks.values_mut() {
+                for l in &mut t.layers {
+                    let el = now.saturating_duration_since(l.window_start);
+                    if el >= Duration::from_secs(1) {
+                        l.bitrate = (l.bytes * 8 * 1000) / (el.as_millis().max(1) as u64);
+                        l.bytes = 0;
+                        l.window_start = now;
+                    }
+                }
+            }
+        }
+        let ids: Vec<CallId> = self.rooms.keys().cloned().collect();
+        for r in &ids {
+            self.select_layers(r, None, now);
+            if let Some(room) = self.rooms.get_mut(r)
+                && let Some(list) = room.speakers.poll(now)
+            {
+                for p in room.participants.values() {
+                    self.sink.deliver(
+                        p.session,
+                        RtcEvent::ActiveSpeakers {
+                            call_id: r.clone(),
+                            user_ids: list.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        // Liveness.
+        for c in self.conns.values_mut() {
+            let idle = now.saturating_duration_since(c.last_rx);
+            if (c.connected && idle > CONN_IDLE)
+                || (!c.connected && now.saturating_duration_since(c.created) > CONNECT_TIMEOUT)
+            {
+                c.dead = true;
+            }
+        }
+    }
+
+    /// Runs the layer selector for the consumers of one participant (or everyone) and asks for
+    /// keyframes where a start or switch is pending.
+    fn select_layers(&mut self, room_id: &CallId, only: Option<&UserId>, now: Instant) {
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        let mut requests: Vec<(TrackId, usize)> = Vec::new();
+        for p in room.participants.values_mut() {
+            if only.is_some_and(|u| *u != p.user) {
+                continue;
+            }
+            let bwe = p.bwe;
+            for c in p.consumers.values_mut() {
+                if c.ssrc.is_none() {
+                    continue;
+                }
+                let Some(t) = room.tracks.get(&c.track) else {
+                    continue;
+                };
+                let target = match t.kind {
+                    MediaKind::Audio => Some(0),
+                    MediaKind::Video => {
+                        let order = t.quality_order();
+                        let states = t.layer_states(now);
+                        let ordered: Vec<LayerState> = order
+                            .iter()
+                            .map(|&i| states.get(i).copied().unwrap_or_default())
+                            .collect();
+                        c.selector
+                            .select(&ordered, bwe, c.cap, now)
+                            .and_then(|k| order.get(k).copied())
+                    }
+                };
+                if let Some(tg) = target
+                    && c.forwarder.target() != target
+                {
+                    c.forwarder.set_target(Some(tg));
+                }
+                if c.forwarder.needs_keyframe()
+                    && let Some(tg) = c.forwarder.target()
+                {
+                    requests.push((c.track.clone(), tg));
+                }
+            }
+        }
+        for (t, l) in requests {
+            self.request_keyframe(room_id, &t, l, now);
+        }
+    }
+
+    /// Removes participants whose connections died.
+    fn reap(&mut self) {
+        let dead: Vec<(CallId, UserId)> = self
+            .conns
+            .values()
+            .filter(|c| c.dead)
+            .map(|c| (c.room.clone(), c.user.clone()))
+            .collect();
+        for (room, user) in dead {
+            tracing::info!(%room, %user, "media connection died; removing participant");
+            self.remove_participant(&room, &user, false);
+            // A dead connection whose participant is already gone.
+        }
+        let orphans: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.dead)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphans {
+            self.close_conn(id);
+        }
+    }
+
+    // ---------------------------------------------------------------- admin
+
+    fn room_info(&self, room: &Room, now: Instant) -> RoomInfo {
+        let mut ps: Vec<&Participant> = room.participants.values().collect();
+        ps.sort_by_key(|p| p.joined_seq);
+        RoomInfo {
+            call_id: room.id.clone(),
+            participants: ps
+                .into_iter()
+                .map(|p| {
+                    let mut tracks: Vec<TrackInfo> = room
+                        .tracks
+                        .values()
+                        .filter(|t| t.owner == p.user)
+                        .map(|t| {
+                            let states = t.layer_states(now);
+                            TrackInfo {
+                                track: t.wire(),
+                                codec: t.codec.map(|c| mime_of(t.kind, c)),
+                                layers: t
+                                    .layers
+                                    .iter()
+                                    .zip(states)
+                                    .map(|(l, s)| LayerInfo {
+                                        rid: l.rid.map(|r| r.to_string()).unwrap_or_default(),
+                                        width: s.width,
+                                        height: s.height,
+                                        bitrate: if s.active { l.bitrate } else { 0 },
+                                    })
+                                    .collect(),
+                            }
+                        })
+                        .collect();
+                    tracks.sort_by(|a, b| a.track.mid.cmp(&b.track.mid));
+                    let mut subscriptions: Vec<SubscriptionInfo> = p
+                        .consumers
+                        .values()
+                        .map(|c| SubscriptionInfo {
+                            track_id: c.track.clone(),
+                            enabled: c.enabled,
+                            max_width: c.cap.max_width,
+                            max_height: c.cap.max_height,
+                            layer: c.forwarder.current().and_then(|l| {
+                                room.tracks.get(&c.track).and_then(|t| {
+                                    t.layers
+                                        .get(l)
+                                        .map(|l| l.rid.map(|r| r.to_string()).unwrap_or_default())
+                                })
+                            }),
+                        })
+                        .collect();
+                    subscriptions.sort_by(|a, b| a.track_id.cmp(&b.track_id));
+                    ParticipantInfo {
+                        user_id: p.user.clone(),
+                        session_id: p.session.to_string(),
+                        tracks,
+                        subscriptions,
+                        bandwidth_estimate: p.bwe,
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+fn count(name: &'static str, n: u64) {
+    metrics::counter!(name).increment(n);
+}
+
+fn kind_label(k: MediaKind) -> &'static str {
+    match k {
+        MediaKind::Audio => "audio",
+        MediaKind::Video => "video",
+    }
+}
+
+/// Tells billing what a consumer forwards now, if that changed.
+fn report(
+    sink: &dyn MediaSink,
+    room: &CallId,
+    user: &UserId,
+    c: &mut Consumer,
+    f: Forwarding,
+    at_ms: u64,
+) {
+    if c.reported == f {
+        return;
+    }
+    c.reported = f;
+    sink.consumer_changed(ConsumerUpdate {
+        at_ms,
+        call_id: room.clone(),
+        user_id: user.clone(),
+        track_id: c.track.clone(),
+        forwarding: f,
+    });
+}
