@@ -177,13 +177,15 @@ def build():
         (f"sum(rate(switchboard_storage_commit_seconds_sum{{{SEL}}}[{RI}])) / "
          f"sum(rate(switchboard_storage_commit_seconds_count{{{SEL}}}[{RI}]))", "mean"),
     ], unit="s", description="SQLite commit of one batch (a summary: quantiles over the process's recent commits)."),
-        8, 8)
+        6, 8)
     L.add(series("Storage commits", [
         (rate("switchboard_storage_commit_seconds_count"), "commits/s"),
-    ], unit="ops"), 8, 8)
+    ], unit="ops"), 6, 8)
+    L.add(series("Jobs per storage batch (p50 / p95 / p99)", hist_quantiles("switchboard_storage_batch_jobs"),
+                 description="Ops, reads and ledger writes committed in one transaction."), 6, 8)
     L.add(series("Storage errors", [
         (rate("switchboard_storage_errors_total", "op"), "{{op}}"),
-    ], unit="ops"), 8, 8)
+    ], unit="ops"), 6, 8)
 
     L.row("Media")
     L.add(series("Rooms, participants, tracks", [

@@ -494,9 +494,9 @@ pub async fn list_rooms(State(app): State<AppState>, _admin: Admin) -> Json<Valu
 pub async fn get_room(
     State(app): State<AppState>,
     _admin: Admin,
-    Path(raw): Path<String>,
+    raw: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, HttpError> {
-    let id = parse_call_id(&raw)?;
+    let id = call_id_from_path(raw)?;
     app.media
         .room_info(&id)
         .await
@@ -509,8 +509,16 @@ pub async fn get_room(
 pub async fn remove_participant(
     State(app): State<AppState>,
     _admin: Admin,
-    Path((raw_call, raw_user)): Path<(String, String)>,
+    raw: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Value>, HttpError> {
+    // A segment that is not even text names no room or participant: 404 with the protocol's body.
+    let Path((raw_call, raw_user)) = raw.map_err(|_| {
+        HttpError::new(
+            StatusCode::NOT_FOUND,
+            "call_not_found",
+            "no such participant",
+        )
+    })?;
     let id = parse_call_id(&raw_call)?;
     let user = UserId::parse(&raw_user).map_err(|_| {
         HttpError::new(
