@@ -304,7 +304,7 @@ impl Config {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            apply_override(&mut table, &name, rest, &value)?;
+            apply_override(&mut table, rest, &value)?;
         }
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
@@ -439,20 +439,34 @@ const SECTIONS: &[&str] = &[
     "log",
 ];
 
-fn apply_override(
-    table: &mut toml::Table,
-    var: &str,
-    rest: &str,
-    raw: &str,
-) -> Result<(), ConfigError> {
-    let lower = rest.to_ascii_lowercase();
-    let Some((section, key)) = SECTIONS.iter().find_map(|s| {
+/// `signaling_busy_policy` → (`signaling`, `busy_policy`), for a known section.
+fn split_env_name(lower: &str) -> Option<(&'static str, String)> {
+    SECTIONS.iter().find_map(|s| {
         lower
             .strip_prefix(s)
             .and_then(|k| k.strip_prefix('_'))
+            .filter(|k| !k.is_empty())
             .map(|k| (*s, k.to_owned()))
-    }) else {
-        return invalid(var, "not a known SWITCHBOARD_<SECTION>_<KEY> variable");
+    })
+}
+
+/// `SWITCHBOARD_*` variables that name no configuration section, which loading ignores (so that, for
+/// example, a Kubernetes service named `switchboard` does not stop the server). A variable naming a
+/// known section with an unknown key is an error instead.
+pub fn ignored_env(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    env.into_iter()
+        .filter_map(|(name, _)| {
+            let rest = name.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase();
+            split_env_name(&rest).is_none().then_some(name)
+        })
+        .collect()
+}
+
+fn apply_override(table: &mut toml::Table, rest: &str, raw: &str) -> Result<(), ConfigError> {
+    let lower = rest.to_ascii_lowercase();
+    let Some((section, key)) = split_env_name(&lower) else {
+        // Not ours (e.g. Kubernetes' SWITCHBOARD_PORT service link): ignored, see `ignored_env`.
+        return Ok(());
     };
     let value = parse_env_value(raw);
     let entry = table
@@ -563,9 +577,20 @@ mod tests {
             .expect_err("unknown key");
         assert!(e.to_string().contains("signaling"), "{e}");
 
-        let e = Config::from_toml_and_env("", "t", env(&[("SWITCHBOARD_NOPE_X", "1")]))
-            .expect_err("unknown section");
-        assert!(e.to_string().starts_with("SWITCHBOARD_NOPE_X"), "{e}");
+        let e = Config::from_toml_and_env("", "t", env(&[("SWITCHBOARD_AUTH_SECRTE", "x")]))
+            .expect_err("unknown key in a known section");
+        assert!(e.to_string().contains("secrte"), "{e}");
+        // Variables that name no section are not ours: ignored, and listed for a warning.
+        let vars = env(&[
+            ("SWITCHBOARD_PORT", "tcp://10.0.0.1:7880"),
+            ("SWITCHBOARD_PYTHON", "/usr/bin/python3"),
+            ("SWITCHBOARD_AUTH_SECRET", "s"),
+        ]);
+        assert!(Config::from_toml_and_env("", "t", vars.clone()).is_ok());
+        assert_eq!(
+            ignored_env(vars),
+            vec!["SWITCHBOARD_PORT".to_owned(), "SWITCHBOARD_PYTHON".to_owned()]
+        );
 
         let e = Config::from_toml_and_env("[webhooks]\nurls = [\"http://x\"]\n", "t", [])
             .expect_err("no key");

@@ -122,6 +122,9 @@ struct LoadtestArgs {
 }
 
 fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    for name in switchboard::config::ignored_env(std::env::vars()) {
+        eprintln!("switchboard: ignoring {name}: it names no configuration section");
+    }
     let mut config = Config::load(args.config.as_deref(), std::env::vars())
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     if args.dev {
