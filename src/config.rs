@@ -589,7 +589,10 @@ mod tests {
         assert!(Config::from_toml_and_env("", "t", vars.clone()).is_ok());
         assert_eq!(
             ignored_env(vars),
-            vec!["SWITCHBOARD_PORT".to_owned(), "SWITCHBOARD_PYTHON".to_owned()]
+            vec![
+                "SWITCHBOARD_PORT".to_owned(),
+                "SWITCHBOARD_PYTHON".to_owned()
+            ]
         );
 
         let e = Config::from_toml_and_env("[webhooks]\nurls = [\"http://x\"]\n", "t", [])
