@@ -287,6 +287,8 @@ def error_contract(server, doc, admin, user):
         ("DELETE", "/v1/rooms/%FF/participants/bob", admin, 404, "call_not_found", "invalid UTF-8 in the room ID (remove)"),
         ("DELETE", "/v1/rooms/c_x/participants/%FF", admin, 404, "call_not_found", "invalid UTF-8 in the user ID (remove)"),
         ("GET", "/v1/rooms", None, 401, "unauthorized", "rooms without a token"),
+        ("GET", "/v1/signal", None, 401, "unauthorized", "signaling upgrade without a token"),
+        ("GET", "/v1/signal?token=not.a.jwt", None, 401, "unauthorized", "signaling upgrade with a bad token"),
         ("GET", "/v1/billing/usage?from=2026-11-02&to=2026-11-01", admin, 400, "bad_request", "to before from"),
         ("GET", "/v1/billing/usage?format=xml", admin, 400, "bad_request", "unknown format"),
         ("GET", "/v1/no/such/endpoint", admin, 404, "bad_request", "unknown path"),
