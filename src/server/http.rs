@@ -3,6 +3,7 @@
 //! errors to the protocol's codes.
 
 use axum::Json;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequestParts, Path, Query, State, WebSocketUpgrade};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
@@ -330,13 +331,21 @@ fn parse_call_id(raw: &str) -> Result<CallId, HttpError> {
         .map_err(|_| HttpError::new(StatusCode::NOT_FOUND, "call_not_found", "no such call"))
 }
 
+/// The `{call_id}` of a path. A segment that is not even text (invalid percent-encoded UTF-8) names
+/// no call either: 404 with the protocol's body, not axum's plain-text rejection.
+fn call_id_from_path(raw: Result<Path<String>, PathRejection>) -> Result<CallId, HttpError> {
+    let Path(raw) =
+        raw.map_err(|_| HttpError::new(StatusCode::NOT_FOUND, "call_not_found", "no such call"))?;
+    parse_call_id(&raw)
+}
+
 /// `GET /v1/calls/{call_id}`: the call with its users and its room.
 pub async fn get_call(
     State(app): State<AppState>,
     _admin: Admin,
-    Path(raw): Path<String>,
+    raw: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, HttpError> {
-    let id = parse_call_id(&raw)?;
+    let id = call_id_from_path(raw)?;
     let lookup = id.clone();
     let call = app
         .hub
@@ -358,9 +367,9 @@ pub async fn get_call(
 pub async fn end_call(
     State(app): State<AppState>,
     _admin: Admin,
-    Path(raw): Path<String>,
+    raw: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, HttpError> {
-    let id = parse_call_id(&raw)?;
+    let id = call_id_from_path(raw)?;
     app.hub.end_call(&id, EndReason::Admin)?;
     app.hub.flush().await;
     Ok(Json(json!({"call_id": id, "reason": "admin"})))
@@ -485,9 +494,9 @@ pub async fn list_rooms(State(app): State<AppState>, _admin: Admin) -> Json<Valu
 pub async fn get_room(
     State(app): State<AppState>,
     _admin: Admin,
-    Path(raw): Path<String>,
+    raw: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, HttpError> {
-    let id = parse_call_id(&raw)?;
+    let id = call_id_from_path(raw)?;
     app.media
         .room_info(&id)
         .await
@@ -500,8 +509,16 @@ pub async fn get_room(
 pub async fn remove_participant(
     State(app): State<AppState>,
     _admin: Admin,
-    Path((raw_call, raw_user)): Path<(String, String)>,
+    raw: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Value>, HttpError> {
+    // A segment that is not even text names no room or participant: 404 with the protocol's body.
+    let Path((raw_call, raw_user)) = raw.map_err(|_| {
+        HttpError::new(
+            StatusCode::NOT_FOUND,
+            "call_not_found",
+            "no such participant",
+        )
+    })?;
     let id = parse_call_id(&raw_call)?;
     let user = UserId::parse(&raw_user).map_err(|_| {
         HttpError::new(

@@ -11,6 +11,7 @@ pub mod billing;
 pub mod http;
 pub mod hub;
 pub mod media;
+pub mod openapi;
 pub mod session;
 pub mod web;
 pub mod webhooks;
@@ -267,6 +268,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(http::remove_participant),
         )
         .route("/v1/admin/drain", post(http::start_drain))
+        .route("/v1/openapi.json", get(openapi::openapi))
         .merge(web::routes())
         .fallback(http::not_found)
         .with_state(state)
