@@ -439,6 +439,9 @@ const SECTIONS: &[&str] = &[
     "log",
 ];
 
+/// Keys whose value is a list of strings.
+const LIST_KEYS: &[(&str, &str)] = &[("media", "public_ips"), ("webhooks", "urls")];
+
 /// `signaling_busy_policy` → (`signaling`, `busy_policy`), for a known section.
 fn split_env_name(lower: &str) -> Option<(&'static str, String)> {
     SECTIONS.iter().find_map(|s| {
@@ -468,7 +471,17 @@ fn apply_override(table: &mut toml::Table, rest: &str, raw: &str) -> Result<(), 
         // Not ours (e.g. Kubernetes' SWITCHBOARD_PORT service link): ignored, see `ignored_env`.
         return Ok(());
     };
-    let value = parse_env_value(raw);
+    let mut value = parse_env_value(raw);
+    // A list key given one plain value (`PUBLIC_IPS=203.0.113.7`) or nothing is a list of that.
+    if LIST_KEYS.contains(&(section, key.as_str()))
+        && let toml::Value::String(one) = &value
+    {
+        value = toml::Value::Array(if one.trim().is_empty() {
+            Vec::new()
+        } else {
+            vec![toml::Value::String(one.trim().to_owned())]
+        });
+    }
     let entry = table
         .entry(section)
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -557,6 +570,28 @@ mod tests {
         assert_eq!(c.signaling.busy_policy, BusyPolicy::Allow);
         assert_eq!(c.signaling.max_invitees, 3);
         assert_eq!(c.media.public_ips.len(), 2);
+        // One value, or none, for a list key.
+        let c = Config::from_toml_and_env(
+            "",
+            "t",
+            env(&[
+                ("SWITCHBOARD_MEDIA_PUBLIC_IPS", "203.0.113.7"),
+                ("SWITCHBOARD_WEBHOOKS_URLS", ""),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.media.public_ips,
+            vec!["203.0.113.7".parse::<IpAddr>().expect("ip")]
+        );
+        assert!(c.webhooks.urls.is_empty());
+        let c = Config::from_toml_and_env(
+            "",
+            "t",
+            env(&[("SWITCHBOARD_MEDIA_PUBLIC_IPS", "[\"203.0.113.7\"]")]),
+        )
+        .expect("valid");
+        assert_eq!(c.media.public_ips.len(), 1);
     }
 
     #[test]

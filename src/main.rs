@@ -122,9 +122,6 @@ struct LoadtestArgs {
 }
 
 fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
-    for name in switchboard::config::ignored_env(std::env::vars()) {
-        eprintln!("switchboard: ignoring {name}: it names no configuration section");
-    }
     let mut config = Config::load(args.config.as_deref(), std::env::vars())
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     if args.dev {
@@ -161,6 +158,9 @@ fn init_logging(config: &Config) {
 async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     init_logging(&config);
+    for name in switchboard::config::ignored_env(std::env::vars()) {
+        tracing::warn!(variable = %name, "ignoring an environment variable that names no configuration section");
+    }
     let listen = config.server.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -8,84 +8,69 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-// Signaling.
-/// Gauge: WebSocket sessions currently connected.
-pub const SESSIONS_CONNECTED: &str = "switchboard_sessions_connected";
-/// Gauge: users with at least one live session.
-pub const USERS_ONLINE: &str = "switchboard_users_online";
-/// Counter: calls created.
-pub const CALLS_STARTED: &str = "switchboard_calls_started_total";
-/// Counter: calls ended, label `reason`.
-pub const CALLS_ENDED: &str = "switchboard_calls_ended_total";
-/// Gauge: calls currently started.
-pub const CALLS_ACTIVE: &str = "switchboard_calls_active";
-/// Counter: invitees reaching a final state, label `state` (accepted, rejected, busy, cancelled, timeout).
-pub const INVITEE_OUTCOMES: &str = "switchboard_invitee_outcomes_total";
-/// Histogram: seconds from receiving an op to queueing its reply, label `op`.
-pub const OP_LATENCY: &str = "switchboard_op_duration_seconds";
-/// Counter: error replies, label `code`.
-pub const ERRORS: &str = "switchboard_errors_total";
-/// Counter: sessions closed by the server, label `reason` (heartbeat, oversize, binary, shutdown, replaced).
-pub const SESSIONS_CLOSED: &str = "switchboard_sessions_closed_total";
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// A distribution.
+    Histogram,
+}
 
-// Storage.
-/// Histogram: seconds per storage batch commit.
-pub const STORAGE_COMMIT: &str = "switchboard_storage_commit_seconds";
-/// Histogram: jobs (ops, reads, ledger writes) per storage batch; one transaction per batch.
-pub const STORAGE_BATCH: &str = "switchboard_storage_batch_jobs";
-/// Counter: storage failures, label `op`.
-pub const STORAGE_ERRORS: &str = "switchboard_storage_errors_total";
+macro_rules! metrics {
+    ($($kind:ident $name:ident = $value:literal, $help:literal;)*) => {
+        $(#[doc = concat!(stringify!($kind), ": ", $help)]
+        pub const $name: &str = $value;)*
+        /// Every metric the registry exports: kind, name and help text (`# HELP`).
+        pub const ALL: &[(Kind, &str, &str)] = &[$((Kind::$kind, $value, $help)),*];
+    };
+}
 
-// Media.
-/// Gauge: rooms open.
-pub const ROOMS: &str = "switchboard_rooms";
-/// Gauge: participants joined in rooms.
-pub const PARTICIPANTS: &str = "switchboard_participants";
-/// Gauge: tracks published, label `kind`.
-pub const TRACKS: &str = "switchboard_tracks";
-/// Counter: RTP packets received from publishers.
-pub const PACKETS_IN: &str = "switchboard_rtp_packets_in_total";
-/// Counter: RTP bytes received from publishers.
-pub const BYTES_IN: &str = "switchboard_rtp_bytes_in_total";
-/// Counter: RTP packets written to subscribers (forwarded).
-pub const PACKETS_FORWARDED: &str = "switchboard_rtp_packets_forwarded_total";
-/// Counter: RTP payload bytes written to subscribers.
-pub const BYTES_FORWARDED: &str = "switchboard_rtp_bytes_forwarded_total";
-/// Counter: UDP datagrams sent.
-pub const PACKETS_OUT: &str = "switchboard_udp_packets_out_total";
-/// Counter: UDP bytes sent.
-pub const BYTES_OUT: &str = "switchboard_udp_bytes_out_total";
-/// Counter: RTP packets dropped, label `reason`.
-pub const PACKETS_DROPPED: &str = "switchboard_rtp_packets_dropped_total";
-/// Counter: NACKs received from subscribers.
-pub const NACKS: &str = "switchboard_nacks_total";
-/// Counter: keyframe requests (PLI/FIR) sent to publishers.
-pub const PLIS: &str = "switchboard_keyframe_requests_total";
-/// Counter: RTX retransmissions sent.
-pub const RTX: &str = "switchboard_rtx_packets_total";
-/// Counter: simulcast layer switches.
-pub const LAYER_SWITCHES: &str = "switchboard_layer_switches_total";
-/// Histogram: seconds a packet spends inside the server, receive to send.
-pub const PACKET_DWELL: &str = "switchboard_packet_dwell_seconds";
+metrics! {
+    // Signaling.
+    Gauge SESSIONS_CONNECTED = "switchboard_sessions_connected", "WebSocket sessions currently connected.";
+    Gauge USERS_ONLINE = "switchboard_users_online", "Users with at least one live session.";
+    Counter CALLS_STARTED = "switchboard_calls_started_total", "Calls created.";
+    Counter CALLS_ENDED = "switchboard_calls_ended_total", "Calls ended, label `reason`.";
+    Gauge CALLS_ACTIVE = "switchboard_calls_active", "Calls currently started.";
+    Counter INVITEE_OUTCOMES = "switchboard_invitee_outcomes_total", "Invitees reaching a final state, label `state` (accepted, rejected, busy, cancelled, timeout).";
+    Histogram OP_LATENCY = "switchboard_op_duration_seconds", "Seconds from receiving an op to queueing its reply, label `op`.";
+    Counter ERRORS = "switchboard_errors_total", "Error replies, label `code`.";
+    Counter SESSIONS_CLOSED = "switchboard_sessions_closed_total", "Sessions closed by the server, label `reason` (heartbeat, oversize, binary, invalid_utf8, protocol_error, shutdown, write_failed).";
+    // Storage.
+    Histogram STORAGE_COMMIT = "switchboard_storage_commit_seconds", "Seconds per storage batch commit.";
+    Histogram STORAGE_BATCH = "switchboard_storage_batch_jobs", "Jobs (ops, reads, ledger writes) per storage batch; one transaction per batch.";
+    Counter STORAGE_ERRORS = "switchboard_storage_errors_total", "Storage failures, label `op`.";
+    // Media.
+    Gauge ROOMS = "switchboard_rooms", "Rooms open.";
+    Gauge PARTICIPANTS = "switchboard_participants", "Participants joined in rooms.";
+    Gauge TRACKS = "switchboard_tracks", "Tracks published, label `kind`.";
+    Counter PACKETS_IN = "switchboard_rtp_packets_in_total", "RTP packets received from publishers.";
+    Counter BYTES_IN = "switchboard_rtp_bytes_in_total", "RTP bytes received from publishers.";
+    Counter PACKETS_FORWARDED = "switchboard_rtp_packets_forwarded_total", "RTP packets written to subscribers (forwarded).";
+    Counter BYTES_FORWARDED = "switchboard_rtp_bytes_forwarded_total", "RTP payload bytes written to subscribers.";
+    Counter PACKETS_OUT = "switchboard_udp_packets_out_total", "UDP datagrams sent.";
+    Counter BYTES_OUT = "switchboard_udp_bytes_out_total", "UDP bytes sent.";
+    Counter PACKETS_DROPPED = "switchboard_rtp_packets_dropped_total", "RTP packets dropped, label `reason`.";
+    Counter NACKS = "switchboard_nacks_total", "NACKs received from subscribers.";
+    Counter PLIS = "switchboard_keyframe_requests_total", "Keyframe requests (PLI/FIR) sent to publishers.";
+    Counter RTX = "switchboard_rtx_packets_total", "RTX retransmissions sent.";
+    Counter LAYER_SWITCHES = "switchboard_layer_switches_total", "Simulcast layer switches.";
+    Histogram PACKET_DWELL = "switchboard_packet_dwell_seconds", "Seconds a packet spends inside the server, receive to send.";
+    // Billing.
+    Counter BILLED_SECONDS = "switchboard_billed_seconds_total", "Billed seconds, label `tier`.";
+    Gauge USERS_IN_TIER = "switchboard_users_in_tier", "Users currently metered in each tier, label `tier`.";
+    Gauge LAYERS_BY_CLASS = "switchboard_layers_by_resolution", "Published video layers by resolution class, label `class`.";
+    // Webhooks.
+    Counter WEBHOOK_DELIVERIES = "switchboard_webhook_deliveries_total", "Webhook deliveries, label `result` (ok, retry).";
+    Gauge WEBHOOK_BACKLOG = "switchboard_webhook_backlog", "Events waiting in the webhook outbox.";
+}
 
-// Billing.
-/// Counter: billed seconds, label `tier`.
-pub const BILLED_SECONDS: &str = "switchboard_billed_seconds_total";
-/// Gauge: users currently metered in each tier, label `tier`.
-pub const USERS_IN_TIER: &str = "switchboard_users_in_tier";
-/// Gauge: published video layers by resolution class, label `class`.
-pub const LAYERS_BY_CLASS: &str = "switchboard_layers_by_resolution";
-
-// Webhooks.
-/// Counter: webhook deliveries, label `result` (ok, retry, failed).
-pub const WEBHOOK_DELIVERIES: &str = "switchboard_webhook_deliveries_total";
-/// Gauge: events waiting in the webhook outbox.
-pub const WEBHOOK_BACKLOG: &str = "switchboard_webhook_backlog";
-
-// Process.
-/// Gauge: process CPU seconds (user + system), sampled at scrape time.
+/// Process CPU seconds (user + system), read from /proc at each scrape; exported as a counter.
 pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
-/// Gauge: resident memory in bytes, sampled at scrape time.
+/// Resident memory in bytes, read from /proc at each scrape; exported as a gauge.
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 
 /// Buckets for sub-millisecond latencies (packet dwell): 10 µs to 50 ms.
@@ -122,18 +107,32 @@ pub fn install() -> PrometheusHandle {
             // Fails only if another recorder was installed first (a test harness); the handle then
             // renders an empty registry, which is still valid text format.
             let _ = metrics::set_global_recorder(recorder);
+            for (kind, name, help) in ALL {
+                match kind {
+                    Kind::Counter => metrics::describe_counter!(*name, *help),
+                    Kind::Gauge => metrics::describe_gauge!(*name, *help),
+                    Kind::Histogram => metrics::describe_histogram!(*name, *help),
+                }
+            }
             handle
         })
         .clone()
 }
 
-/// Renders the registry plus process gauges read from /proc at this moment.
+/// Renders the registry plus the process series read from /proc at this moment.
 pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
     if let Some((cpu, rss)) = process_usage() {
-        metrics::gauge!(PROCESS_CPU).set(cpu);
-        metrics::gauge!(PROCESS_RSS).set(rss as f64);
+        use std::fmt::Write as _;
+        let _ = write!(
+            text,
+            "# HELP {PROCESS_CPU} Total user and system CPU time spent in seconds.\n\
+             # TYPE {PROCESS_CPU} counter\n{PROCESS_CPU} {cpu}\n\
+             # HELP {PROCESS_RSS} Resident memory size in bytes.\n\
+             # TYPE {PROCESS_RSS} gauge\n{PROCESS_RSS} {rss}\n"
+        );
     }
-    handle.render()
+    text
 }
 
 /// This process's CPU seconds (user + system) and resident bytes, from /proc/self.

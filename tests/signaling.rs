@@ -826,6 +826,8 @@ async fn health_metrics_and_dev_tokens() {
         "switchboard_invitee_outcomes_total{state=\"cancelled\"}",
         "switchboard_op_duration_seconds_bucket",
         "process_cpu_seconds_total",
+        "# HELP switchboard_calls_started_total Calls created.",
+        "# TYPE process_cpu_seconds_total counter",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
