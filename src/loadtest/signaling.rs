@@ -62,8 +62,10 @@ pub struct SignalingReport {
     pub rss_after: Option<u64>,
     /// (after − before) / idle sessions, bytes.
     pub bytes_per_idle_session: Option<f64>,
-    /// Errors by kind.
+    /// Pairs that failed.
     pub errors: u64,
+    /// Requests the server answered `rate_limited` (retried after a pause).
+    pub rate_limited: u64,
 }
 
 /// Latency percentiles in microseconds.
@@ -113,6 +115,20 @@ struct Frame<'a> {
     result: Option<&'a RawValue>,
     #[serde(default, borrow)]
     data: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    error: Option<ErrorBody<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody<'a> {
+    #[serde(borrow)]
+    code: &'a str,
+}
+
+/// A reply: the result, or the error code and the whole frame.
+enum Answer {
+    Ok(Option<String>),
+    Err(String, String),
 }
 
 #[derive(Deserialize)]
@@ -137,6 +153,7 @@ struct Shared {
     cycles: AtomicU64,
     ops: AtomicU64,
     errors: AtomicU64,
+    rate_limited: AtomicU64,
 }
 
 fn ws_url(url: &str) -> String {
@@ -166,12 +183,9 @@ async fn connect(url: &str, token: &str) -> Result<Ws, LoadError> {
     }
 }
 
-/// Reads frames until the reply to `id`, handing events to `on_event`.
-async fn await_reply(
-    ws: &mut Ws,
-    id: u64,
-    mut on_event: impl FnMut(&str, &RawValue),
-) -> Result<Option<String>, LoadError> {
+/// Reads frames until the reply to `id` (events are skipped: each task waits for the events it needs
+/// explicitly).
+async fn await_reply(ws: &mut Ws, id: u64) -> Result<Answer, LoadError> {
     loop {
         let msg = ws
             .next()
@@ -181,15 +195,42 @@ async fn await_reply(
         let Message::Text(text) = msg else { continue };
         let f: Frame =
             serde_json::from_str(&text).map_err(|e| LoadError::Protocol(e.to_string()))?;
-        if let (Some(name), Some(data)) = (f.event, f.data) {
-            on_event(name, data);
+        if f.event.is_some() || f.id != Some(id) {
             continue;
         }
-        if f.id == Some(id) {
-            return Ok(match f.ok {
-                Some(true) => f.result.map(|r| r.get().to_owned()),
-                _ => return Err(LoadError::Protocol(format!("op failed: {text}"))),
-            });
+        return Ok(match f.ok {
+            Some(true) => Answer::Ok(f.result.map(|r| r.get().to_owned())),
+            _ => Answer::Err(
+                f.error.map(|e| e.code.to_owned()).unwrap_or_default(),
+                text.to_string(),
+            ),
+        });
+    }
+}
+
+/// Sends an op (`args` is its JSON arguments) and returns its result and the latency of the attempt
+/// that succeeded. A `rate_limited` answer is retried after a pause and counted: the server's
+/// per-session rate limit is doing its job.
+async fn call(
+    ws: &mut Ws,
+    id: &mut u64,
+    op: &str,
+    args: &str,
+    shared: &Shared,
+) -> Result<(Option<String>, Duration), LoadError> {
+    loop {
+        *id += 1;
+        let t = Instant::now();
+        send(ws, format!(r#"{{"id":{id},"op":"{op}","args":{args}}}"#)).await?;
+        match await_reply(ws, *id).await? {
+            Answer::Ok(r) => return Ok((r, t.elapsed())),
+            Answer::Err(code, _) if code == "rate_limited" => {
+                shared.rate_limited.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Answer::Err(_, frame) => {
+                return Err(LoadError::Protocol(format!("{op} failed: {frame}")));
+            }
         }
     }
 }
@@ -237,35 +278,22 @@ async fn run_pair(
     let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
         .map_err(|e| LoadError::Protocol(e.to_string()))?;
     let mut id = 0u64;
+    let mut id_b = 0u64;
     let mut ops = 0u64;
     let mut cycles = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
         let measuring = shared.measuring.load(Ordering::Relaxed);
         // Invite.
-        id += 1;
-        let t = Instant::now();
-        send(
-            &mut a,
-            format!(r#"{{"id":{id},"op":"call_invite","args":{{"invitees":["{callee}"],"mode":"advanced","timeout":30}}}}"#),
-        )
-        .await?;
-        let result = await_reply(&mut a, id, |_, _| {}).await?;
-        let lat_invite = t.elapsed();
+        let args = format!(r#"{{"invitees":["{callee}"],"mode":"advanced","timeout":30}}"#);
+        let (result, lat_invite) = call(&mut a, &mut id, "call_invite", &args, &shared).await?;
         let call_id = result
             .and_then(|r| serde_json::from_str::<CallIdOnly>(&r).ok())
             .map(|c| c.call_id)
             .ok_or_else(|| LoadError::Protocol("invite without call_id".into()))?;
+        let by_call = format!(r#"{{"call_id":"{call_id}"}}"#);
         // The callee rings and accepts.
         await_event(&mut b, "call_invitation_received", |_| true).await?;
-        id += 1;
-        let t = Instant::now();
-        send(
-            &mut b,
-            format!(r#"{{"id":{id},"op":"call_accept","args":{{"call_id":"{call_id}"}}}}"#),
-        )
-        .await?;
-        await_reply(&mut b, id, |_, _| {}).await?;
-        let lat_accept = t.elapsed();
+        let (_, lat_accept) = call(&mut b, &mut id_b, "call_accept", &by_call, &shared).await?;
         // The caller sees the acceptance, then ends the call.
         let callee_ref = callee.as_str();
         await_event(&mut a, "call_user_state_changed", |d| {
@@ -276,15 +304,7 @@ async fn run_pair(
             })
         })
         .await?;
-        id += 1;
-        let t = Instant::now();
-        send(
-            &mut a,
-            format!(r#"{{"id":{id},"op":"call_end","args":{{"call_id":"{call_id}"}}}}"#),
-        )
-        .await?;
-        await_reply(&mut a, id, |_, _| {}).await?;
-        let lat_end = t.elapsed();
+        let (_, lat_end) = call(&mut a, &mut id, "call_end", &by_call, &shared).await?;
         await_event(&mut b, "call_invitation_ended", |_| true).await?;
         if measuring && shared.measuring.load(Ordering::Relaxed) {
             for l in [lat_invite, lat_accept, lat_end] {
@@ -363,6 +383,7 @@ pub async fn run(cfg: SignalingLoad) -> Result<SignalingReport, LoadError> {
         cycles: AtomicU64::new(0),
         ops: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        rate_limited: AtomicU64::new(0),
     });
     let hist = Arc::new(std::sync::Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
@@ -378,7 +399,7 @@ pub async fn run(cfg: SignalingLoad) -> Result<SignalingReport, LoadError> {
             let s = Arc::clone(&shared);
             if let Err(e) = run_pair(url, ct, et, callee, shared, hist).await {
                 s.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "pair failed");
+                eprintln!("switchboard loadtest: a pair failed: {e}");
             }
         }));
     }
@@ -409,6 +430,7 @@ pub async fn run(cfg: SignalingLoad) -> Result<SignalingReport, LoadError> {
             _ => None,
         },
         errors: shared.errors.load(Ordering::Relaxed),
+        rate_limited: shared.rate_limited.load(Ordering::Relaxed),
     })
 }
 
@@ -427,6 +449,14 @@ impl SignalingReport {
             self.op_latency_us.max,
             self.errors
         );
+        if self.rate_limited > 0 {
+            s.push_str(&format!(
+                "  rate limited: {} requests (retried). Each simulated user sends as fast as it is \
+                 answered; to measure throughput, raise the server's [signaling] rate and burst \
+                 (SWITCHBOARD_SIGNALING_RATE, SWITCHBOARD_SIGNALING_BURST).\n",
+                self.rate_limited
+            ));
+        }
         if let Some(b) = self.bytes_per_idle_session {
             s.push_str(&format!(
                 "  idle sessions: {}, server RSS {} → {} MiB, {:.0} bytes ({:.1} KiB) per session\n",
