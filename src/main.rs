@@ -142,6 +142,18 @@ struct LoadtestArgs {
     /// Media: no progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Media: what serves the rooms: `switchboard` (signaling and /metrics at --url), `janus`
+    /// (Janus VideoRoom, its HTTP API at --url) or `relay` (the plain UDP relay at --url,
+    /// host:port).
+    #[arg(long, default_value = "switchboard")]
+    target: String,
+    /// Media, janus and relay targets: the server's process ID, for its CPU time and memory
+    /// (from /proc); Switchboard's come from its /metrics.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Run the plain UDP relay on this address until interrupted, instead of a load.
+    #[arg(long, value_name = "ADDR")]
+    serve_relay: Option<std::net::SocketAddr>,
     /// Signaling: warm-up before measuring.
     #[arg(long, default_value = "2s")]
     warmup: String,
@@ -267,13 +279,25 @@ async fn loadtest(args: LoadtestArgs) -> anyhow::Result<()> {
     use switchboard::loadtest::{media, signaling, synth::VideoSpec};
     let duration = parse_duration("duration", &args.duration)?;
     let secret = args.secret.unwrap_or_else(|| DEV_SECRET.to_owned());
+    if let Some(addr) = args.serve_relay {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let relay =
+            tokio::task::spawn_blocking(move || switchboard::loadtest::relay::serve(addr, &s2));
+        eprintln!("plain UDP relay on {addr}");
+        shutdown_signal().await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let forwarded = relay.await??;
+        eprintln!("relay forwarded {forwarded} datagrams");
+        return Ok(());
+    }
     match args.scenario.as_str() {
         "media" => {
             let video = match args.video.as_str() {
                 "none" => None,
                 v => Some(VideoSpec::parse(v).map_err(|e| anyhow::anyhow!("--video: {e}"))?),
             };
-            let report = media::run(media::MediaLoad {
+            let cfg = media::MediaLoad {
                 url: args.url,
                 secret,
                 rooms: args.rooms,
@@ -287,8 +311,20 @@ async fn loadtest(args: LoadtestArgs) -> anyhow::Result<()> {
                 verify_every: args.verify_every.max(1),
                 bind_ip: args.bind_ip,
                 progress: !args.quiet && !args.json && std::io::stderr().is_terminal(),
-            })
-            .await?;
+            };
+            let report = match args.target.as_str() {
+                "switchboard" => media::run(cfg).await?,
+                "relay" => {
+                    let pid = args.server_pid;
+                    tokio::task::spawn_blocking(move || {
+                        switchboard::loadtest::relay::run(&cfg, pid)
+                    })
+                    .await?
+                    .map_err(|e| anyhow::anyhow!(e))?
+                }
+                "janus" => switchboard::loadtest::janus::run(cfg, args.server_pid).await?,
+                other => bail!("unknown --target {other:?}: use switchboard, janus or relay"),
+            };
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

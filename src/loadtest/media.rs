@@ -194,9 +194,9 @@ pub struct MediaReport {
     pub measured_layers: Vec<MeasuredLayer>,
 }
 
-type Failures = Arc<Mutex<BTreeMap<String, u64>>>;
+pub(crate) type Failures = Arc<Mutex<BTreeMap<String, u64>>>;
 
-fn fail(f: &Failures, reason: impl Into<String>) {
+pub(crate) fn fail(f: &Failures, reason: impl Into<String>) {
     if let Ok(mut m) = f.lock() {
         *m.entry(reason.into()).or_default() += 1;
     }
@@ -605,7 +605,7 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
     }))
 }
 
-fn users_with_media(engine: &EngineHandle) -> usize {
+pub(crate) fn users_with_media(engine: &EngineHandle) -> usize {
     engine
         .live
         .users_with_media
@@ -849,7 +849,7 @@ async fn measured(
     out
 }
 
-fn progress_bar(d: Duration) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(d: Duration) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(d.as_millis() as u64);
     b.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {elapsed}/{duration} {msg}")
@@ -858,7 +858,7 @@ fn progress_bar(d: Duration) -> indicatif::ProgressBar {
     b
 }
 
-fn update_bar(
+pub(crate) fn update_bar(
     b: &indicatif::ProgressBar,
     engine: &EngineHandle,
     users: usize,

@@ -8,7 +8,9 @@
 //! - [`udp`]: batched socket IO with kernel receive timestamps.
 
 pub mod engine;
+pub mod janus;
 pub mod media;
+pub mod relay;
 pub mod report;
 pub mod signaling;
 pub mod synth;
