@@ -303,6 +303,8 @@ struct Peer {
     connected: bool,
     failed: bool,
     candidate_added: bool,
+    /// Touched since the last flush: its stack may have output.
+    dirty: bool,
     // Publisher.
     streams: Vec<OutStream>,
     answered: bool,
@@ -695,6 +697,7 @@ impl Engine {
             connected: false,
             failed: false,
             candidate_added: false,
+            dirty: true,
             streams: Vec::new(),
             answered: false,
             media_pts: Vec::new(),
@@ -907,6 +910,7 @@ impl Engine {
             }
         }
         p.answered = true;
+        p.dirty = true;
         p.deadline = Some(Instant::now());
         Ok(())
     }
@@ -960,6 +964,7 @@ impl Engine {
                 .map(|d| d.sdp)
                 .ok_or("no local description")?;
         p.deadline = Some(now);
+        p.dirty = true;
         Ok(sdp)
     }
 
@@ -1026,6 +1031,7 @@ impl Engine {
                         )
                         .is_ok()
                     });
+                    p.dirty = true;
                     if ok {
                         self.live.sent.fetch_add(1, Ordering::Relaxed);
                         if measuring {
@@ -1042,6 +1048,7 @@ impl Engine {
         for p in self.peers.iter_mut().flatten() {
             if p.deadline.is_some_and(|d| d <= now) {
                 let _ = p.pc.handle_timeout(now);
+                p.dirty = true;
             }
             if p.twcc_deadline.is_some_and(|d| d <= now)
                 && let Some(t) = p.twcc.as_mut()
@@ -1060,6 +1067,7 @@ impl Engine {
                     && let Some(mut r) = p.pc.rtp_receiver(rid)
                 {
                     let _ = r.write_rtcp(now, fb);
+                    p.dirty = true;
                 }
             }
         }
@@ -1069,6 +1077,10 @@ impl Engine {
     fn flush_all(&mut self) {
         let measuring = self.measuring.load(Ordering::Relaxed);
         for p in self.peers.iter_mut().flatten() {
+            if !p.dirty {
+                continue;
+            }
+            p.dirty = false;
             while let Some(ev) = p.pc.poll_event() {
                 if let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) = ev {
                     match s {
@@ -1217,6 +1229,7 @@ impl Engine {
                 if !feed {
                     continue;
                 }
+                p.dirty = true;
                 p.pending_rx_ns = if rx_ns > 0 { rx_ns } else { udp::realtime_ns() };
                 let msg = TaggedBytesMut {
                     now,

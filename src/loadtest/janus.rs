@@ -400,6 +400,7 @@ pub async fn run(cfg: MediaLoad, server_pid: Option<u32>) -> Result<MediaReport,
         subscriptions,
         failures,
         measured_layers: Vec::new(),
+        server_bwe_bps: None,
     });
     if n < report.users {
         report.users_connected = report.users_connected.min(n);

@@ -192,6 +192,9 @@ pub struct MediaReport {
     pub generator: GeneratorFigures,
     /// Layers as the server measured them.
     pub measured_layers: Vec<MeasuredLayer>,
+    /// The server's bandwidth estimates of the subscribers' connections (from the TWCC
+    /// feedback the generator sends), smallest and largest, bit/s.
+    pub server_bwe_bps: Option<(u64, u64)>,
 }
 
 pub(crate) type Failures = Arc<Mutex<BTreeMap<String, u64>>>;
@@ -561,8 +564,11 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
         .ok()
         .map(|u| tokens.issue(&u, None, true, now_s, 3600));
     let mut measured_layers = Vec::new();
+    let mut bwe: Vec<u64> = Vec::new();
     for r in &rooms {
-        measured_layers.extend(measured(&http, &cfg.url, admin.as_deref(), &r.call_id).await);
+        let (layers, estimates) = measured(&http, &cfg.url, admin.as_deref(), &r.call_id).await;
+        measured_layers.extend(layers);
+        bwe.extend(estimates);
     }
 
     let _ = stop_tx.send(true);
@@ -602,6 +608,7 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
         subscriptions,
         failures,
         measured_layers,
+        server_bwe_bps: bwe.iter().min().copied().zip(bwe.iter().max().copied()),
     }))
 }
 
@@ -628,6 +635,7 @@ pub(crate) struct ReportInput<'a> {
     pub subscriptions: u64,
     pub failures: BTreeMap<String, u64>,
     pub measured_layers: Vec<MeasuredLayer>,
+    pub server_bwe_bps: Option<(u64, u64)>,
 }
 
 /// When a user started joining (for join time).
@@ -701,6 +709,7 @@ pub(crate) fn build_report(i: ReportInput<'_>) -> MediaReport {
             frames_skipped: res.frames_skipped,
         },
         measured_layers: i.measured_layers,
+        server_bwe_bps: i.server_bwe_bps,
     }
 }
 
@@ -802,9 +811,9 @@ async fn measured(
     url: &str,
     admin: Option<&str>,
     call_id: &str,
-) -> Vec<MeasuredLayer> {
+) -> (Vec<MeasuredLayer>, Vec<u64>) {
     let Some(admin) = admin else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     let Ok(r) = http
         .get(format!("{}/v1/rooms/{call_id}", url.trim_end_matches('/')))
@@ -812,12 +821,13 @@ async fn measured(
         .send()
         .await
     else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     let Ok(v) = r.json::<Value>().await else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     let mut out = Vec::new();
+    let mut bwe = Vec::new();
     let empty = Vec::new();
     for p in v
         .get("participants")
@@ -825,6 +835,9 @@ async fn measured(
         .unwrap_or(&empty)
     {
         let user = p.get("user_id").and_then(Value::as_str).unwrap_or("");
+        if let Some(b) = p.get("bandwidth_estimate").and_then(Value::as_u64) {
+            bwe.push(b);
+        }
         for t in p.get("tracks").and_then(Value::as_array).unwrap_or(&empty) {
             if t.get("kind").and_then(Value::as_str) != Some("video") {
                 continue;
@@ -846,7 +859,7 @@ async fn measured(
             }
         }
     }
-    out
+    (out, bwe)
 }
 
 pub(crate) fn progress_bar(d: Duration) -> indicatif::ProgressBar {
@@ -999,6 +1012,13 @@ impl MediaReport {
                 })
                 .collect();
             s.push_str(&format!("  server-measured layers: {}\n", list.join(", ")));
+        }
+        if let Some((lo, hi)) = self.server_bwe_bps {
+            s.push_str(&format!(
+                "  server bandwidth estimates of subscriber connections: {} to {} kbit/s\n",
+                lo / 1000,
+                hi / 1000
+            ));
         }
         s
     }

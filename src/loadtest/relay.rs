@@ -360,6 +360,7 @@ pub fn run(cfg: &MediaLoad, server_pid: Option<u32>) -> Result<MediaReport, Stri
         subscriptions: 0,
         failures: Default::default(),
         measured_layers: Vec::new(),
+        server_bwe_bps: None,
     }))
 }
 
