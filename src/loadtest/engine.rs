@@ -23,7 +23,8 @@
 //! (STUN, DTLS, RTCP) always goes through the stack.
 //!
 //! Not done, unlike a browser: no NACKs (loss is measured, not repaired), no receiver reports,
-//! no jitter buffer or decoding. Publishers answer PLI/FIR with a keyframe at once.
+//! no jitter buffer or decoding. Publishers answer PLI/FIR with a keyframe at once (an
+//! interceptor in the publisher's chain sees the decrypted RTCP).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -132,6 +133,8 @@ pub struct Live {
     pub expected: AtomicU64,
     /// Users whose subscriber connection received media.
     pub users_with_media: AtomicU64,
+    /// Keyframe requests (PLI/FIR) publishers received.
+    pub keyframe_requests: AtomicU64,
     /// Latency p50 and p99 of the last 500 ms, µs.
     pub latency_p50_us: AtomicU64,
     /// See above.
@@ -162,7 +165,7 @@ pub struct EngineResults {
     pub verified: u64,
     /// Sampled packets that failed SRTP or carried no stamp.
     pub verify_failures: u64,
-    /// Keyframe requests (PLI/FIR) the publishers received.
+    /// Keyframe requests (PLI/FIR) the publishers received over the whole run.
     pub keyframe_requests: u64,
     /// Frames skipped because the engine fell behind schedule.
     pub frames_skipped: u64,
@@ -305,6 +308,8 @@ struct Peer {
     candidate_added: bool,
     /// Touched since the last flush: its stack may have output.
     dirty: bool,
+    /// Media SSRCs of keyframe requests seen by the publisher's interceptor.
+    keyframes: Arc<std::sync::Mutex<Vec<u32>>>,
     // Publisher.
     streams: Vec<OutStream>,
     answered: bool,
@@ -327,7 +332,6 @@ struct Window {
     received_other: u64,
     verified: u64,
     verify_failures: u64,
-    keyframe_requests: u64,
     frames_skipped: u64,
     latency: Option<Histogram<u64>>,
     base_expected: u64,
@@ -377,10 +381,9 @@ pub fn process_cpu_seconds() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
-fn media_engine(subscriber: bool) -> Result<MediaEngine, String> {
-    let e = |e: rtc::shared::error::Error| e.to_string();
-    let mut me = MediaEngine::default();
-    let mut video_fb = vec![
+/// The RTCP feedback a browser offers for VP8 (transport-cc only where this side receives).
+fn video_feedback(subscriber: bool) -> Vec<RTCPFeedback> {
+    let mut v = vec![
         RTCPFeedback {
             typ: "nack".into(),
             parameter: String::new(),
@@ -395,11 +398,18 @@ fn media_engine(subscriber: bool) -> Result<MediaEngine, String> {
         },
     ];
     if subscriber {
-        video_fb.push(RTCPFeedback {
+        v.push(RTCPFeedback {
             typ: "transport-cc".into(),
             parameter: String::new(),
         });
     }
+    v
+}
+
+fn media_engine(subscriber: bool) -> Result<MediaEngine, String> {
+    let e = |e: rtc::shared::error::Error| e.to_string();
+    let mut me = MediaEngine::default();
+    let video_fb = video_feedback(subscriber);
     me.register_codec(
         RTCRtpCodecParameters {
             rtp_codec: RTCRtpCodec {
@@ -472,11 +482,79 @@ fn media_engine(subscriber: bool) -> Result<MediaEngine, String> {
     Ok(me)
 }
 
-fn new_pc(subscriber: bool) -> Result<RTCPeerConnection, String> {
-    RTCPeerConnectionBuilder::new()
-        .with_media_engine(media_engine(subscriber)?)
-        .build(Instant::now())
-        .map_err(|e| e.to_string())
+/// Notes the media SSRCs of PLI/FIR as decrypted RTCP passes the read side of a publisher's
+/// interceptor chain. (The stack routes a compound RTCP packet by its first packet's
+/// destination, which for a send-only connection finds no track, so keyframe requests never
+/// reach `poll_read`.)
+struct KeyframeWatch {
+    seen: Arc<std::sync::Mutex<Vec<u32>>>,
+    read: std::collections::VecDeque<rtc::interceptor::TaggedPacket>,
+    write: std::collections::VecDeque<rtc::interceptor::TaggedPacket>,
+}
+
+impl Protocol<rtc::interceptor::TaggedPacket, rtc::interceptor::TaggedPacket, ()>
+    for KeyframeWatch
+{
+    type Rout = rtc::interceptor::TaggedPacket;
+    type Wout = rtc::interceptor::TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: rtc::interceptor::TaggedPacket) -> Result<(), Self::Error> {
+        if let IPacket::Rtcp(list) = &msg.message.packet
+            && let Ok(mut seen) = self.seen.lock()
+        {
+            for p in list {
+                let any = p.as_any();
+                if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+                    seen.push(pli.media_ssrc);
+                } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+                    seen.extend(fir.fir.iter().map(|e| e.ssrc));
+                }
+            }
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<rtc::interceptor::TaggedPacket> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: rtc::interceptor::TaggedPacket) -> Result<(), Self::Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<rtc::interceptor::TaggedPacket> {
+        self.write.pop_front()
+    }
+}
+
+impl Interceptor for KeyframeWatch {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+fn new_pc(
+    subscriber: bool,
+    keyframes: Option<Arc<std::sync::Mutex<Vec<u32>>>>,
+) -> Result<RTCPeerConnection, String> {
+    let mut b = RTCPeerConnectionBuilder::new().with_media_engine(media_engine(subscriber)?);
+    if let Some(seen) = keyframes {
+        b = b.with_interceptor_registry(rtc::interceptor::Registry::new().with(
+            rtc::interceptor::Slot::from(14_000),
+            KeyframeWatch {
+                seen,
+                read: Default::default(),
+                write: Default::default(),
+            },
+        ));
+    }
+    b.build(Instant::now()).map_err(|e| e.to_string())
 }
 
 fn add_host_candidate(pc: &mut RTCPeerConnection, local: SocketAddr) -> Result<(), String> {
@@ -625,7 +703,7 @@ impl Engine {
             latency_us: w.latency.unwrap_or_else(histogram),
             verified: w.verified,
             verify_failures: w.verify_failures,
-            keyframe_requests: w.keyframe_requests,
+            keyframe_requests: self.live.keyframe_requests.load(Ordering::Relaxed),
             frames_skipped: w.frames_skipped,
             engine_cpu_seconds: cpu,
             first_media: std::mem::take(&mut self.first_media),
@@ -687,10 +765,12 @@ impl Engine {
     fn new_peer(&self, user: UserKey, publisher: bool) -> Result<Peer, String> {
         let socket = udp::bind(SocketAddr::new(self.ip, 0)).map_err(|e| e.to_string())?;
         let local = socket.local_addr().map_err(|e| e.to_string())?;
+        let keyframes = Arc::new(std::sync::Mutex::new(Vec::new()));
         Ok(Peer {
             user,
             publisher,
-            pc: new_pc(!publisher)?,
+            pc: new_pc(!publisher, publisher.then(|| keyframes.clone()))?,
+            keyframes,
             socket,
             local,
             deadline: Some(Instant::now()),
@@ -783,7 +863,7 @@ impl Engine {
                     clock_rate: 90_000,
                     channels: 0,
                     sdp_fmtp_line: String::new(),
-                    rtcp_feedback: vec![],
+                    rtcp_feedback: video_feedback(false),
                 },
             };
             let ssrcs: Vec<u32> = layers.iter().map(|_| rand::random::<u32>() | 1).collect();
@@ -1130,28 +1210,22 @@ impl Engine {
                             }
                         }
                     }
-                    RTCMessage::RtcpPacket(_, list) if p.publisher => {
-                        for r in &list {
-                            let any = r.as_any();
-                            let mut ssrcs = Vec::new();
-                            if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
-                                ssrcs.push(pli.media_ssrc);
-                            } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
-                                ssrcs.extend(fir.fir.iter().map(|f| f.ssrc));
-                            }
-                            for ssrc in ssrcs {
-                                if let Some(s) = p.streams.iter_mut().find(|s| s.ssrc == ssrc)
-                                    && let Some(v) = s.video.as_mut()
-                                {
-                                    v.request_keyframe();
-                                    if measuring {
-                                        self.w.keyframe_requests += 1;
-                                    }
-                                }
-                            }
-                        }
-                    }
                     _ => {}
+                }
+            }
+            if p.publisher {
+                let ssrcs: Vec<u32> = p
+                    .keyframes
+                    .lock()
+                    .map(|mut v| std::mem::take(&mut *v))
+                    .unwrap_or_default();
+                for ssrc in ssrcs {
+                    if let Some(s) = p.streams.iter_mut().find(|s| s.ssrc == ssrc)
+                        && let Some(v) = s.video.as_mut()
+                    {
+                        v.request_keyframe();
+                        self.live.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             flush(p);

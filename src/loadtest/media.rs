@@ -184,7 +184,7 @@ pub struct MediaReport {
     pub verify_every: u32,
     /// Sampled packets that failed SRTP or had no stamp.
     pub verify_failures: u64,
-    /// PLI/FIR the publishers received.
+    /// PLI/FIR the publishers received (whole run, joins included).
     pub keyframe_requests: u64,
     /// Server figures.
     pub server: ServerFigures,
@@ -959,10 +959,11 @@ impl MediaReport {
             self.received_other
         ));
         s.push_str(&format!(
-            "  loss: {} of {} ({:.3}%)\n",
+            "  loss: {} of {} ({:.3}%); keyframe requests received by publishers: {}\n",
             self.lost,
             self.expected,
-            self.loss * 100.0
+            self.loss * 100.0,
+            self.keyframe_requests
         ));
         s.push_str(&format!(
             "  forwarding latency µs (1 in {} packets, {} timed, {} failed verification): p50 {} p95 {} p99 {} max {}\n",
