@@ -178,6 +178,10 @@ pub struct MediaReport {
     pub lost: u64,
     /// lost / expected.
     pub loss: f64,
+    /// Media packets received / (packets sent × subscribers per publisher): below 1, the
+    /// server dropped or still holds packets (a server that renumbers what it forwards, as
+    /// Janus does, hides drops from the sequence-number loss above).
+    pub delivered: f64,
     /// Forwarding latency, publisher send → subscriber kernel receive, µs, over the sample.
     pub latency_us: Percentiles,
     /// One packet in this many was decrypted and timed.
@@ -686,6 +690,20 @@ pub(crate) fn build_report(i: ReportInput<'_>) -> MediaReport {
         expected: res.expected,
         lost: res.lost,
         loss: loss_fraction(res.lost, res.expected),
+        delivered: {
+            let fanout = (i.cfg.publishers + i.cfg.subscribers).saturating_sub(1) as f64
+                + if i.target == "relay" && i.cfg.publishers > 1 {
+                    1.0
+                } else {
+                    0.0
+                };
+            let want = res.sent_packets as f64 * fanout;
+            if want > 0.0 {
+                res.received_packets as f64 / want
+            } else {
+                0.0
+            }
+        },
         latency_us: Percentiles::of(&res.latency_us),
         verify_every: i.cfg.verify_every,
         verify_failures: res.verify_failures,
@@ -959,10 +977,11 @@ impl MediaReport {
             self.received_other
         ));
         s.push_str(&format!(
-            "  loss: {} of {} ({:.3}%); keyframe requests received by publishers: {}\n",
+            "  loss: {} of {} ({:.3}%); delivered {:.1}% of sent × fan-out; keyframe requests received by publishers: {}\n",
             self.lost,
             self.expected,
             self.loss * 100.0,
+            self.delivered * 100.0,
             self.keyframe_requests
         ));
         s.push_str(&format!(
@@ -1013,6 +1032,12 @@ impl MediaReport {
                 })
                 .collect();
             s.push_str(&format!("  server-measured layers: {}\n", list.join(", ")));
+        }
+        if self.generator.frames_skipped > 0 {
+            s.push_str(&format!(
+                "  WARNING: the generator fell behind its schedule and skipped {} frames (was its core busy?): the figures above understate the load\n",
+                self.generator.frames_skipped
+            ));
         }
         if let Some((lo, hi)) = self.server_bwe_bps {
             s.push_str(&format!(
