@@ -180,8 +180,9 @@ pub struct MediaReport {
     pub loss: f64,
     /// Media packets received / (packets sent × subscribers per publisher): below 1, the
     /// server dropped or still holds packets (a server that renumbers what it forwards, as
-    /// Janus does, hides drops from the sequence-number loss above).
-    pub delivered: f64,
+    /// Janus does, hides drops from the sequence-number loss above). None with simulcast, where
+    /// each subscriber gets one layer of several.
+    pub delivered: Option<f64>,
     /// Forwarding latency, publisher send → subscriber kernel receive, µs, over the sample.
     pub latency_us: Percentiles,
     /// One packet in this many was decrypted and timed.
@@ -698,11 +699,7 @@ pub(crate) fn build_report(i: ReportInput<'_>) -> MediaReport {
                     0.0
                 };
             let want = res.sent_packets as f64 * fanout;
-            if want > 0.0 {
-                res.received_packets as f64 / want
-            } else {
-                0.0
-            }
+            (want > 0.0 && !i.cfg.simulcast).then(|| res.received_packets as f64 / want)
         },
         latency_us: Percentiles::of(&res.latency_us),
         verify_every: i.cfg.verify_every,
@@ -977,11 +974,12 @@ impl MediaReport {
             self.received_other
         ));
         s.push_str(&format!(
-            "  loss: {} of {} ({:.3}%); delivered {:.1}% of sent × fan-out; keyframe requests received by publishers: {}\n",
+            "  loss: {} of {} ({:.3}%); delivered {} of sent × fan-out; keyframe requests received by publishers: {}\n",
             self.lost,
             self.expected,
             self.loss * 100.0,
-            self.delivered * 100.0,
+            self.delivered
+                .map_or("n/a (simulcast)".to_owned(), |d| format!("{:.1}%", d * 100.0)),
             self.keyframe_requests
         ));
         s.push_str(&format!(
