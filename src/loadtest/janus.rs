@@ -371,7 +371,7 @@ pub async fn run(cfg: MediaLoad, server_pid: Option<u32>) -> Result<MediaReport,
             .await;
     }
     admin.destroy().await;
-    let mut res = engine
+    let res = engine
         .stop()
         .ok_or_else(|| MediaLoadError::Engine("media thread panicked".into()))?;
     // Subscribers' received media is what Janus forwarded; the window's share of it is exact.
@@ -382,7 +382,6 @@ pub async fn run(cfg: MediaLoad, server_pid: Option<u32>) -> Result<MediaReport,
             *m.entry(why.clone()).or_default() += 1;
         }
     }
-    res.failures.retain(|_| true);
     let failures = failures.lock().map(|m| m.clone()).unwrap_or_default();
     let mut report = build_report(ReportInput {
         cfg: &cfg,
