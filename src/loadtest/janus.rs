@@ -354,6 +354,7 @@ pub async fn run(cfg: MediaLoad, server_pid: Option<u32>) -> Result<MediaReport,
         .map(|u| JoinedUserTime {
             key: u.key,
             joined_at: u.joined_at,
+            invited_at: None,
         })
         .collect();
     let n = users.len();

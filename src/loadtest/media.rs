@@ -160,6 +160,9 @@ pub struct MediaReport {
     pub setup_ms: Percentiles,
     /// Join, `rtc_join` → first media packet received, ms.
     pub join_ms: Percentiles,
+    /// Call, `call_invite` → first media packet received, ms (Switchboard only). Subscribers
+    /// join after every publisher has (so memory can be attributed), so theirs includes that.
+    pub invite_to_media_ms: Percentiles,
     /// RTP packets the publishers sent.
     pub sent_packets: u64,
     /// Their payload bytes.
@@ -242,6 +245,8 @@ struct UserPlan {
 pub(crate) struct JoinedUser {
     pub(crate) key: UserKey,
     pub(crate) joined_at: Instant,
+    /// When the call that brought the user in was created (Switchboard only).
+    pub(crate) invited_at: Option<Instant>,
 }
 
 /// One user's media session: join, publish, answer offers until told to stop.
@@ -249,6 +254,7 @@ pub(crate) struct JoinedUser {
 async fn user_session(
     mut c: SignalClient,
     call_id: String,
+    invited_at: Instant,
     key: UserKey,
     publish: Option<PublishSpec>,
     caller: bool,
@@ -299,7 +305,11 @@ async fn user_session(
             }
         }
     }
-    let _ = joined.send(Some(JoinedUser { key, joined_at: t }));
+    let _ = joined.send(Some(JoinedUser {
+        key,
+        joined_at: t,
+        invited_at: Some(invited_at),
+    }));
     let mut last_ping = Instant::now();
     loop {
         if *stop.borrow() {
@@ -481,6 +491,7 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
             sessions.push(tokio::spawn(user_session(
                 client,
                 room.call_id.clone(),
+                room.invited_at,
                 key,
                 publish,
                 caller,
@@ -649,10 +660,15 @@ pub(crate) type JoinedUserTime = JoinedUser;
 pub(crate) fn build_report(i: ReportInput<'_>) -> MediaReport {
     let res = i.res;
     let mut joins = histogram();
+    let mut calls = histogram();
     for u in i.join_times {
         if let Some(first) = res.first_media.get(&u.key) {
             let ms = first.saturating_duration_since(u.joined_at).as_millis() as u64;
             let _ = joins.record(ms.max(1));
+            if let Some(inv) = u.invited_at {
+                let ms = first.saturating_duration_since(inv).as_millis() as u64;
+                let _ = calls.record(ms.max(1));
+            }
         }
     }
     let mut failed_users: std::collections::BTreeSet<UserKey> =
@@ -682,6 +698,7 @@ pub(crate) fn build_report(i: ReportInput<'_>) -> MediaReport {
         failures: i.failures,
         setup_ms: i.setup_ms,
         join_ms: Percentiles::of(&joins),
+        invite_to_media_ms: Percentiles::of(&calls),
         sent_packets: res.sent_packets,
         sent_bytes: res.sent_bytes,
         received_packets: res.received_packets,
@@ -730,6 +747,7 @@ pub(crate) fn build_report(i: ReportInput<'_>) -> MediaReport {
 
 struct RoomSetup {
     call_id: String,
+    invited_at: Instant,
     size: usize,
     publishers: usize,
     /// (user, publisher, caller)
@@ -813,6 +831,7 @@ async fn setup_room(
     }
     Some(RoomSetup {
         call_id,
+        invited_at: t,
         size: n,
         publishers: members.iter().filter(|(_, p, _)| *p).count(),
         members,
@@ -905,9 +924,10 @@ pub(crate) fn update_bar(
     let loss = loss_fraction(l.lost.load(Relaxed), expected) * 100.0;
     b.set_position(t0.elapsed().as_millis() as u64);
     b.set_message(format!(
-        "users {}/{} | send {:.0} pkt/s | recv {:.0} pkt/s | loss {:.2}% | latency p50 {} µs p99 {} µs",
-        users_with_media(engine).min(users),
+        "{} users, {} receiving media, {} connections up | send {:.0} pkt/s | recv {:.0} pkt/s | loss {:.2}% | latency p50 {} µs p99 {} µs",
         users,
+        users_with_media(engine).min(users),
+        l.connected.load(Relaxed),
         (sent.saturating_sub(last.1)) as f64 / dt,
         (recv.saturating_sub(last.2)) as f64 / dt,
         loss,
@@ -959,8 +979,13 @@ impl MediaReport {
             }
         ));
         s.push_str(&format!(
-            "  setup (invite→accepted) ms: p50 {} p99 {}; join (rtc_join→first media) ms: p50 {} p99 {}\n",
-            self.setup_ms.p50, self.setup_ms.p99, self.join_ms.p50, self.join_ms.p99
+            "  setup (invite→accepted) ms: p50 {} p99 {}; join (rtc_join→first media) ms: p50 {} p99 {}; invite→first media ms: p50 {} p99 {}\n",
+            self.setup_ms.p50,
+            self.setup_ms.p99,
+            self.join_ms.p50,
+            self.join_ms.p99,
+            self.invite_to_media_ms.p50,
+            self.invite_to_media_ms.p99
         ));
         s.push_str(&format!(
             "  sent: {} packets, {:.1} MB; forwarded by server: {} ({:.0}/s); received: {} ({:.0}/s, {:.1} MB), other RTP {}\n",

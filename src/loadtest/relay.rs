@@ -188,6 +188,7 @@ pub fn run(cfg: &MediaLoad, server_pid: Option<u32>) -> Result<MediaReport, Stri
                 joined.push(JoinedUserTime {
                     key,
                     joined_at: now,
+                    invited_at: None,
                 });
             }
         }
@@ -340,6 +341,7 @@ pub fn run(cfg: &MediaLoad, server_pid: Option<u32>) -> Result<MediaReport, Stri
             all_joined.push(JoinedUserTime {
                 key: k,
                 joined_at: now,
+                invited_at: None,
             });
         }
     }
