@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use super::engine::{self, EngineHandle, PublishSpec, UserKey};
 use super::media::{
     Failures, JoinedUserTime, MediaLoad, MediaLoadError, MediaReport, ReportInput, build_report,
-    fail, progress_bar, update_bar, users_with_media,
+    fail, mark_without_media, progress_bar, update_bar, users_with_media,
 };
 use super::relay::proc_sample;
 use super::report::Percentiles;
@@ -293,6 +293,7 @@ pub async fn run(cfg: MediaLoad, server_pid: Option<u32>) -> Result<MediaReport,
     let tracks_per_feed = u64::from(cfg.video.is_some()) + u64::from(cfg.audio);
     let mut subscriptions = 0u64;
     let mut subscribing = 0usize;
+    let mut should_receive: Vec<UserKey> = Vec::new();
     let n_users = users.len().max(1) as u32;
     for u in users.iter_mut() {
         let others: Vec<u64> = feeds
@@ -313,6 +314,7 @@ pub async fn run(cfg: MediaLoad, server_pid: Option<u32>) -> Result<MediaReport,
         match subscribe(u, &engine, &others).await {
             Ok(()) => {
                 subscribing += 1;
+                should_receive.push(u.key);
                 subscriptions += others.len() as u64 * tracks_per_feed;
             }
             Err(e) => fail(&failures, e),
@@ -372,9 +374,10 @@ pub async fn run(cfg: MediaLoad, server_pid: Option<u32>) -> Result<MediaReport,
             .await;
     }
     admin.destroy().await;
-    let res = engine
+    let mut res = engine
         .stop()
         .ok_or_else(|| MediaLoadError::Engine("media thread panicked".into()))?;
+    mark_without_media(&mut res, &should_receive);
     // Subscribers' received media is what Janus forwarded; the window's share of it is exact.
     let mut end = end;
     end.forwarded = start.forwarded + res.received_packets;

@@ -442,6 +442,7 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
     let mut joins: Vec<oneshot::Receiver<Option<JoinedUser>>> = Vec::new();
     let mut sessions = Vec::new();
     let mut expected_subscribing = 0usize;
+    let mut should_receive: Vec<UserKey> = Vec::new();
     let mut video_layers = 0u64;
     let layers_per_pub = match (cfg.video.is_some(), cfg.simulcast) {
         (false, _) => 0,
@@ -483,9 +484,11 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
                 // Publishers subscribe to the room's other publishers.
                 if room.publishers > 1 {
                     expected_subscribing += 1;
+                    should_receive.push(key);
                 }
             } else {
                 expected_subscribing += 1;
+                should_receive.push(key);
                 subscriptions += room.publishers as u64 * tracks_per_pub;
             }
             sessions.push(tokio::spawn(user_session(
@@ -599,9 +602,10 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
     }
     let engine = Arc::try_unwrap(engine)
         .map_err(|_| MediaLoadError::Engine("engine still in use".into()))?;
-    let res = engine
+    let mut res = engine
         .stop()
         .ok_or_else(|| MediaLoadError::Engine("media thread panicked".into()))?;
+    mark_without_media(&mut res, &should_receive);
     if let Ok(mut m) = failures.lock() {
         for (_, why) in &res.failures {
             *m.entry(why.clone()).or_default() += 1;
@@ -626,6 +630,15 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
         measured_layers,
         server_bwe_bps: bwe.iter().min().copied().zip(bwe.iter().max().copied()),
     }))
+}
+
+/// Counts a user who should have received media but got none as a failure.
+pub(crate) fn mark_without_media(res: &mut EngineResults, should_receive: &[UserKey]) {
+    for k in should_receive {
+        if !res.first_media.contains_key(k) && !res.failures.iter().any(|(u, _)| u == k) {
+            res.failures.push((*k, "no media received".to_owned()));
+        }
+    }
 }
 
 pub(crate) fn users_with_media(engine: &EngineHandle) -> usize {
@@ -1070,5 +1083,116 @@ impl MediaReport {
             ));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg() -> MediaLoad {
+        MediaLoad {
+            url: String::new(),
+            secret: String::new(),
+            rooms: 1,
+            publishers: 1,
+            subscribers: 2,
+            video: VideoSpec::parse("640x360@15:300k").ok(),
+            simulcast: false,
+            audio: false,
+            duration: Duration::from_secs(2),
+            ramp: Duration::ZERO,
+            verify_every: 1,
+            bind_ip: "127.0.0.1".parse().expect("ip"),
+            progress: false,
+        }
+    }
+
+    fn results(t0: Instant) -> EngineResults {
+        let mut h = histogram();
+        for us in [100, 200, 300, 400] {
+            let _ = h.record(us);
+        }
+        EngineResults {
+            sent_packets: 100,
+            sent_bytes: 100_000,
+            received_packets: 150,
+            received_bytes: 160_000,
+            received_other: 0,
+            expected: 160,
+            lost: 10,
+            latency_us: h,
+            verified: 4,
+            verify_failures: 0,
+            keyframe_requests: 1,
+            frames_skipped: 0,
+            engine_cpu_seconds: 0.1,
+            // User 1 got media 250 ms after joining; user 2 got none.
+            first_media: HashMap::from([(1, t0 + Duration::from_millis(250))]),
+            connected: HashMap::from([(0, t0), (1, t0), (2, t0)]),
+            failures: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_report_adds_up() {
+        let t0 = Instant::now();
+        let mut res = results(t0);
+        mark_without_media(&mut res, &[1, 2]);
+        assert_eq!(res.failures, vec![(2, "no media received".to_owned())]);
+        let joined: Vec<JoinedUserTime> = (0..3)
+            .map(|key| JoinedUserTime {
+                key,
+                joined_at: t0,
+                invited_at: Some(t0 - Duration::from_millis(100)),
+            })
+            .collect();
+        let start = ServerSample {
+            cpu_seconds: 1.0,
+            forwarded: 1_000,
+            rss_bytes: 10 << 20,
+        };
+        let end = ServerSample {
+            cpu_seconds: 1.002,
+            forwarded: 1_200,
+            rss_bytes: 12 << 20,
+        };
+        let r = build_report(ReportInput {
+            cfg: &cfg(),
+            target: "switchboard",
+            users: 3,
+            setup_ms: Percentiles::default(),
+            join_times: &joined,
+            res,
+            start,
+            end,
+            window: 2.0,
+            generator_cpu: 0.2,
+            rss: [10 << 20, 11 << 20, 12 << 20],
+            video_layers: 1,
+            subscriptions: 2,
+            failures: BTreeMap::new(),
+            measured_layers: Vec::new(),
+            server_bwe_bps: None,
+        });
+        assert_eq!(
+            r.users_connected, 2,
+            "the user without media is not counted"
+        );
+        assert_eq!(r.join_ms.count, 1);
+        assert_eq!(r.join_ms.p50, 250);
+        assert_eq!(r.invite_to_media_ms.p50, 350);
+        assert_eq!(r.server.forwarded_packets, 200);
+        assert!((r.server.forwarded_pps - 100.0).abs() < 1e-9);
+        // 2 ms of CPU for 200 packets.
+        assert!((r.server.cpu_us_per_packet.unwrap_or(0.0) - 10.0).abs() < 1e-6);
+        assert_eq!(r.server.bytes_per_video_layer, Some(1_048_576.0));
+        assert_eq!(r.server.bytes_per_subscription, Some(524_288.0));
+        assert!((r.loss - 10.0 / 160.0).abs() < 1e-12);
+        // 150 received of 100 sent × 2 subscribers.
+        assert_eq!(r.delivered, Some(0.75));
+        assert_eq!(r.latency_us.p50, 200);
+        assert!((r.generator.engine_cpu_share - 0.05).abs() < 1e-9);
     }
 }
