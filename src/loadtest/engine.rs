@@ -22,6 +22,12 @@
 //! decrypt or carries no stamp counts as a verification failure. Everything that is not RTP
 //! (STUN, DTLS, RTCP) always goes through the stack.
 //!
+//! Why `rtc` and not str0m: the server is str0m, and the same stack on both sides would hide
+//! interop bugs and share their costs. Why not SRTP by hand after the handshake: `rtc` does not
+//! expose the DTLS keying material, and its per-packet cost driven this way (≈ 5.5 µs per
+//! received packet with decryption, measured; see BENCHMARKS.md) leaves the generator well
+//! below the server's cost, with sampling (`verify_every`) for more headroom.
+//!
 //! Not done, unlike a browser: no NACKs (loss is measured, not repaired), no receiver reports,
 //! no jitter buffer or decoding. Publishers answer PLI/FIR with a keyframe at once (an
 //! interceptor in the publisher's chain sees the decrypted RTCP).
