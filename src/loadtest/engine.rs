@@ -25,8 +25,8 @@
 //! Why `rtc` and not str0m: the server is str0m, and the same stack on both sides would hide
 //! interop bugs and share their costs. Why not SRTP by hand after the handshake: `rtc` does not
 //! expose the DTLS keying material, and its per-packet cost driven this way (≈ 5.5 µs per
-//! received packet with decryption, measured; see BENCHMARKS.md) leaves the generator well
-//! below the server's cost, with sampling (`verify_every`) for more headroom.
+//! received packet with decryption, measured; see BENCHMARKS.md) is below the server's cost per
+//! forwarded packet, with sampling (`verify_every`) for more headroom near saturation.
 //!
 //! Not done, unlike a browser: no NACKs (loss is measured, not repaired), no receiver reports,
 //! no jitter buffer or decoding. Publishers answer PLI/FIR with a keyframe at once (an
