@@ -8,6 +8,12 @@
 //! Prints ns per input packet and per forwarded copy, and the in-process dwell (the input
 //! datagram handed to the publisher `Rtc` → the last subscriber's encrypted datagram out) as
 //! p50/p99. Socket syscalls are not included; see the module doc of `switchboard::sfu`.
+//!
+//! Left out, so a whole-server run (`switchboard loadtest`, BENCHMARKS.md) costs more per
+//! packet than this: the `recvmmsg`/`sendmmsg` syscalls and the hop from the I/O thread to
+//! the worker; the resolution probe, speaker detection and per-round metrics of the worker;
+//! RTCP from subscribers (TWCC feedback, receiver reports), which the client subscribers here
+//! never send.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -350,7 +356,9 @@ fn bench(c: &mut Criterion) {
                     if out >= n {
                         dwell.push(el);
                     }
-                    // Keep the subscribers' feedback loop alive now and then.
+                    // Fire the server subscriber connections' timers now and then (stats,
+                    // pacer). No feedback flows back: the client subscribers' output is
+                    // discarded, so str0m's bandwidth estimate stays at its initial value.
                     if p.frame.is_multiple_of(50) {
                         for (s, _c, ..) in p.subs.iter_mut() {
                             s.rtc.handle_input(Input::Timeout(p.now)).unwrap();

@@ -94,8 +94,9 @@ enum BillingCommand {
 
 #[derive(Args)]
 struct LoadtestArgs {
-    /// What to load: `signaling` (invite → accept → end cycles, idle sessions).
-    #[arg(long, default_value = "signaling")]
+    /// What to load: `media` (rooms of publishers and subscribers, the default) or `signaling`
+    /// (invite → accept → end cycles, idle sessions).
+    #[arg(long, default_value = "media")]
     scenario: String,
     /// The server's HTTP address.
     #[arg(long, default_value = "http://127.0.0.1:7880")]
@@ -107,7 +108,53 @@ struct LoadtestArgs {
     /// How long to measure: 30s, 2m.
     #[arg(long, default_value = "10s")]
     duration: String,
-    /// Warm-up before measuring.
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Media: rooms (calls).
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    /// Media: publishers per room (each also receives the other publishers).
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Media: subscribe-only participants per room (a room holds at most 10 users).
+    #[arg(long, default_value_t = 2)]
+    subscribers: usize,
+    /// Media: the video each publisher sends, WIDTHxHEIGHT@FPS:BITRATE, or `none`.
+    #[arg(long, default_value = "1280x720@30:1500k")]
+    video: String,
+    /// Media: send three simulcast layers (quarter, half, full resolution).
+    #[arg(long)]
+    simulcast: bool,
+    /// Media: also send Opus audio (20 ms packets with audio levels).
+    #[arg(long)]
+    audio: bool,
+    /// Media: spread the joins over this long (0 = all at once).
+    #[arg(long, default_value = "0")]
+    ramp: String,
+    /// Media: decrypt and time one received packet in this many (1 = every packet). Every
+    /// packet is counted for loss either way.
+    #[arg(long, default_value_t = 1)]
+    verify_every: u32,
+    /// Media: the address the simulated peers bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: std::net::IpAddr,
+    /// Media: no progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Media: what serves the rooms: `switchboard` (signaling and /metrics at --url), `janus`
+    /// (Janus VideoRoom, its HTTP API at --url) or `relay` (the plain UDP relay at --url,
+    /// host:port).
+    #[arg(long, default_value = "switchboard")]
+    target: String,
+    /// Media, janus and relay targets: the server's process ID, for its CPU time and memory
+    /// (from /proc); Switchboard's come from its /metrics.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Run the plain UDP relay on this address until interrupted, instead of a load.
+    #[arg(long, value_name = "ADDR")]
+    serve_relay: Option<std::net::SocketAddr>,
+    /// Signaling: warm-up before measuring.
     #[arg(long, default_value = "2s")]
     warmup: String,
     /// Signaling: caller/callee pairs cycling concurrently.
@@ -116,9 +163,6 @@ struct LoadtestArgs {
     /// Signaling: idle sessions to hold open (server memory per session is reported).
     #[arg(long, default_value_t = 0)]
     idle: usize,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
@@ -229,26 +273,83 @@ fn token(
     Ok(())
 }
 
+/// A duration like 10s or 2m; "0" is zero.
+fn parse_duration(what: &str, s: &str) -> anyhow::Result<std::time::Duration> {
+    if s.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    Ok(std::time::Duration::from_secs(
+        parse_ttl(s).map_err(|e| anyhow::anyhow!("--{what}: {e}"))?,
+    ))
+}
+
 async fn loadtest(args: LoadtestArgs) -> anyhow::Result<()> {
-    let duration = std::time::Duration::from_secs(
-        parse_ttl(&args.duration).map_err(|e| anyhow::anyhow!("--duration: {e}"))?,
-    );
-    let warmup = std::time::Duration::from_secs(
-        parse_ttl(&args.warmup).map_err(|e| anyhow::anyhow!("--warmup: {e}"))?,
-    );
+    use std::io::IsTerminal;
+    use switchboard::loadtest::{media, signaling, synth::VideoSpec};
+    let duration = parse_duration("duration", &args.duration)?;
     let secret = args.secret.unwrap_or_else(|| DEV_SECRET.to_owned());
+    if let Some(addr) = args.serve_relay {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let relay =
+            tokio::task::spawn_blocking(move || switchboard::loadtest::relay::serve(addr, &s2));
+        eprintln!("plain UDP relay on {addr}");
+        shutdown_signal().await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let forwarded = relay.await??;
+        eprintln!("relay forwarded {forwarded} datagrams");
+        return Ok(());
+    }
     match args.scenario.as_str() {
+        "media" => {
+            let video = match args.video.as_str() {
+                "none" => None,
+                v => Some(VideoSpec::parse(v).map_err(|e| anyhow::anyhow!("--video: {e}"))?),
+            };
+            let cfg = media::MediaLoad {
+                url: args.url,
+                secret,
+                rooms: args.rooms,
+                publishers: args.publishers,
+                subscribers: args.subscribers,
+                video,
+                simulcast: args.simulcast,
+                audio: args.audio,
+                duration,
+                ramp: parse_duration("ramp", &args.ramp)?,
+                verify_every: args.verify_every.max(1),
+                bind_ip: args.bind_ip,
+                progress: !args.quiet && !args.json && std::io::stderr().is_terminal(),
+            };
+            let report = match args.target.as_str() {
+                "switchboard" => media::run(cfg).await?,
+                "relay" => {
+                    let pid = args.server_pid;
+                    tokio::task::spawn_blocking(move || {
+                        switchboard::loadtest::relay::run(&cfg, pid)
+                    })
+                    .await?
+                    .map_err(|e| anyhow::anyhow!(e))?
+                }
+                "janus" => switchboard::loadtest::janus::run(cfg, args.server_pid).await?,
+                other => bail!("unknown --target {other:?}: use switchboard, janus or relay"),
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(())
+        }
         "signaling" => {
-            let report = switchboard::loadtest::signaling::run(
-                switchboard::loadtest::signaling::SignalingLoad {
-                    url: args.url,
-                    secret,
-                    pairs: args.pairs,
-                    idle: args.idle,
-                    duration,
-                    warmup,
-                },
-            )
+            let report = signaling::run(signaling::SignalingLoad {
+                url: args.url,
+                secret,
+                pairs: args.pairs,
+                idle: args.idle,
+                duration,
+                warmup: parse_duration("warmup", &args.warmup)?,
+            })
             .await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -257,7 +358,7 @@ async fn loadtest(args: LoadtestArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        other => bail!("unknown --scenario {other:?}: use signaling"),
+        other => bail!("unknown --scenario {other:?}: use media or signaling"),
     }
 }
 

@@ -1,0 +1,371 @@
+//! Batched UDP for the load generator and the plain relay: `recvmmsg` with kernel receive
+//! timestamps (`SO_TIMESTAMPNS`, CLOCK_REALTIME), `sendmmsg`, and a small epoll wrapper.
+//!
+//! Kernel timestamps make the measured latency independent of when the generator gets around to
+//! reading: a packet is timed when the kernel queued it on the receiving socket.
+
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+
+/// Largest datagram read.
+pub const MAX_DATAGRAM: usize = 2048;
+/// Datagrams per `recvmmsg`/`sendmmsg` call.
+pub const BATCH: usize = 64;
+const CTRL_LEN: usize = 64;
+
+/// Nanoseconds since the Unix epoch (CLOCK_REALTIME, the clock `SO_TIMESTAMPNS` uses).
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Binds a non-blocking UDP socket with kernel receive timestamps and large buffers.
+pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid fd and a pointer to an int of the stated size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(s.into())
+}
+
+fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: family AF_INET means the storage holds a sockaddr_in.
+            let sin =
+                unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                u32::from_be(sin.sin_addr.s_addr).into(),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: family AF_INET6 means the storage holds a sockaddr_in6.
+            let sin6 =
+                unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                sin6.sin6_addr.s6_addr.into(),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Reusable buffers for one `recvmmsg` call.
+pub struct RecvBatch {
+    bufs: Vec<[u8; MAX_DATAGRAM]>,
+    addrs: Vec<libc::sockaddr_storage>,
+    ctrl: Vec<[u8; CTRL_LEN]>,
+    lens: Vec<usize>,
+    stamps: Vec<u64>,
+    from: Vec<Option<SocketAddr>>,
+    n: usize,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        Self {
+            bufs: vec![[0; MAX_DATAGRAM]; BATCH],
+            // SAFETY: sockaddr_storage is plain data; all-zero is valid.
+            addrs: vec![unsafe { std::mem::zeroed() }; BATCH],
+            ctrl: vec![[0; CTRL_LEN]; BATCH],
+            lens: vec![0; BATCH],
+            stamps: vec![0; BATCH],
+            from: vec![None; BATCH],
+            n: 0,
+        }
+    }
+}
+
+impl RecvBatch {
+    /// Datagrams read by the last call.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether the last call read nothing.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Datagram `i`: its bytes, source and kernel receive time (ns since the epoch; 0 if the
+    /// kernel gave none).
+    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddr, u64)> {
+        if i >= self.n {
+            return None;
+        }
+        let len = *self.lens.get(i)?;
+        let data = self.bufs.get(i)?.get(..len)?;
+        Some((data, (*self.from.get(i)?)?, *self.stamps.get(i)?))
+    }
+
+    /// Mutable bytes of datagram `i` (the relay rewrites nothing, but decryption in place may).
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut [u8]> {
+        let len = *self.lens.get(i)?;
+        self.bufs.get_mut(i)?.get_mut(..len)
+    }
+
+    /// Reads up to [`BATCH`] datagrams without blocking. Ok(0) when none are queued.
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.n = 0;
+        let mut iovs: Vec<libc::iovec> = self
+            .bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                iov_len: MAX_DATAGRAM,
+            })
+            .collect();
+        // SAFETY: mmsghdr is plain data; every pointer field is set below.
+        let mut msgs: Vec<libc::mmsghdr> =
+            (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for (i, m) in msgs.iter_mut().enumerate() {
+            let (Some(addr), Some(iov), Some(ctrl)) =
+                (self.addrs.get_mut(i), iovs.get_mut(i), self.ctrl.get_mut(i))
+            else {
+                continue;
+            };
+            m.msg_hdr.msg_name = addr as *mut libc::sockaddr_storage as *mut libc::c_void;
+            m.msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            m.msg_hdr.msg_iov = iov as *mut libc::iovec;
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = ctrl.as_mut_ptr() as *mut libc::c_void;
+            m.msg_hdr.msg_controllen = CTRL_LEN as _;
+        }
+        // SAFETY: `msgs` holds BATCH headers pointing at buffers that outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(e),
+            };
+        }
+        let n = n as usize;
+        for (i, m) in msgs.iter().take(n).enumerate() {
+            if let Some(l) = self.lens.get_mut(i) {
+                *l = (m.msg_len as usize).min(MAX_DATAGRAM);
+            }
+            if let (Some(f), Some(a)) = (self.from.get_mut(i), self.addrs.get(i)) {
+                *f = sockaddr_to_std(a);
+            }
+            let mut ts = 0u64;
+            // SAFETY: the control buffer was filled by the kernel for this message; the CMSG
+            // macros walk it within msg_controllen.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&m.msg_hdr);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_SOCKET
+                        && (*c).cmsg_type == libc::SCM_TIMESTAMPNS
+                    {
+                        let t =
+                            std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                        ts = (t.tv_sec as u64) * 1_000_000_000 + t.tv_nsec as u64;
+                    }
+                    c = libc::CMSG_NXTHDR(&m.msg_hdr, c);
+                }
+            }
+            if let Some(s) = self.stamps.get_mut(i) {
+                *s = ts;
+            }
+        }
+        self.n = n;
+        Ok(n)
+    }
+}
+
+/// Sends datagrams with `sendmmsg`, [`BATCH`] per call. Returns how many went out; a datagram
+/// the kernel refuses (e.g. a full buffer) is skipped and counted as not sent.
+pub fn send_batch(fd: RawFd, out: &[(SocketAddr, &[u8])]) -> usize {
+    let mut sent = 0;
+    for chunk in out.chunks(BATCH) {
+        let mut addrs: Vec<socket2::SockAddr> = chunk.iter().map(|(a, _)| (*a).into()).collect();
+        let mut iovs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|(_, d)| libc::iovec {
+                iov_base: d.as_ptr() as *mut libc::c_void,
+                iov_len: d.len(),
+            })
+            .collect();
+        // SAFETY: mmsghdr is plain data; pointer fields are set below.
+        let mut msgs: Vec<libc::mmsghdr> = (0..chunk.len())
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
+        for (i, m) in msgs.iter_mut().enumerate() {
+            let (Some(a), Some(iov)) = (addrs.get_mut(i), iovs.get_mut(i)) else {
+                continue;
+            };
+            m.msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
+            m.msg_hdr.msg_namelen = a.len();
+            m.msg_hdr.msg_iov = iov as *mut libc::iovec;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let mut start = 0usize;
+        while start < msgs.len() {
+            // SAFETY: msgs[start..] are initialized headers whose buffers outlive the call.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    msgs.as_mut_ptr().add(start),
+                    (msgs.len() - start) as libc::c_uint,
+                    0,
+                )
+            };
+            if n <= 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                start += 1;
+                continue;
+            }
+            sent += n as usize;
+            start += n as usize;
+        }
+    }
+    sent
+}
+
+/// A level-triggered epoll set whose entries carry a `u64` token.
+pub struct Epoll {
+    fd: RawFd,
+    events: Vec<libc::epoll_event>,
+}
+
+impl Epoll {
+    /// A new set.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            fd,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 256],
+        })
+    }
+
+    /// Watches `fd` for input, reported with `token`.
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: valid epoll fd, valid event pointer.
+        let r = unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Stops watching `fd`.
+    pub fn remove(&self, fd: RawFd) {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: valid epoll fd; a stale fd just fails.
+        unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
+    }
+
+    /// Waits up to `timeout` for input; returns the ready tokens into `ready` (cleared first).
+    pub fn wait(&mut self, timeout: std::time::Duration, ready: &mut Vec<u64>) {
+        ready.clear();
+        let ms = timeout.as_micros().div_ceil(1000).min(1000) as libc::c_int;
+        // SAFETY: the events buffer is valid for its length.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd,
+                self.events.as_mut_ptr(),
+                self.events.len() as libc::c_int,
+                ms,
+            )
+        };
+        for e in self.events.iter().take(n.max(0) as usize) {
+            let token = e.u64;
+            ready.push(token);
+        }
+    }
+}
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        // SAFETY: we own the fd.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_round_trips_with_kernel_timestamps() {
+        let a = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let to = b.local_addr().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; 20]).collect();
+        let out: Vec<(SocketAddr, &[u8])> = payloads.iter().map(|p| (to, p.as_slice())).collect();
+        let before = realtime_ns();
+        assert_eq!(send_batch(a.as_raw_fd(), &out), 100);
+        let mut ep = Epoll::new().unwrap();
+        ep.add(b.as_raw_fd(), 7).unwrap();
+        let mut ready = Vec::new();
+        ep.wait(std::time::Duration::from_secs(2), &mut ready);
+        assert_eq!(ready, vec![7]);
+        let mut batch = RecvBatch::default();
+        let mut got = Vec::new();
+        while got.len() < 100 {
+            let n = batch.recv(b.as_raw_fd()).unwrap();
+            if n == 0 {
+                ep.wait(std::time::Duration::from_millis(200), &mut ready);
+                assert!(!ready.is_empty(), "all datagrams arrive");
+                continue;
+            }
+            for i in 0..n {
+                let (d, from, ts) = batch.get(i).unwrap();
+                assert_eq!(from, a.local_addr().unwrap());
+                assert!(ts >= before && ts <= realtime_ns(), "kernel timestamp {ts}");
+                got.push(d[0]);
+            }
+        }
+        assert_eq!(got, (0..100u8).collect::<Vec<_>>());
+        assert_eq!(
+            batch.recv(b.as_raw_fd()).unwrap(),
+            0,
+            "non-blocking when empty"
+        );
+    }
+}
