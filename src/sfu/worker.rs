@@ -42,6 +42,11 @@ use crate::codec::{Resolution, ResolutionProbe, VideoCodec, is_keyframe_start};
 use crate::ids::{CallId, SessionId, TrackId, UserId};
 use crate::metrics as m;
 
+/// Packets kept per forwarded video stream to answer NACKs (str0m's default is 2000 over 3 s).
+const RTX_CACHE_PACKETS: usize = 512;
+/// How long a forwarded packet can still be resent.
+const RTX_CACHE_AGE: Duration = Duration::from_millis(1500);
+
 /// How often layer selection, bitrate measurement, speakers and liveness run.
 const TICK: Duration = Duration::from_millis(100);
 /// A layer with no packet for this long is inactive.
@@ -892,11 +897,18 @@ impl Worker {
             Ok(()) => {
                 for c in p.consumers.values_mut() {
                     if c.ssrc.is_none() {
-                        c.ssrc = conn
-                            .rtc
-                            .direct_api()
-                            .stream_tx_by_mid(c.mid, None)
-                            .map(|s| s.ssrc());
+                        let mut api = conn.rtc.direct_api();
+                        if let Some(stream) = api.stream_tx_by_mid(c.mid, None) {
+                            // Forwarded packets leave at once: they were paced by their sender
+                            // already, and holding them here only adds delay (a keyframe burst
+                            // would wait tens of milliseconds behind the pacer). BWE still runs
+                            // on transport-cc feedback and drives layer selection.
+                            stream.set_unpaced(true);
+                            // NACKs are answered from a cache sized for repair, not for history:
+                            // this is most of what a subscription costs in memory.
+                            stream.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(0.15));
+                            c.ssrc = Some(stream.ssrc());
+                        }
                     }
                 }
                 Ok(())
