@@ -42,10 +42,13 @@ use crate::codec::{Resolution, ResolutionProbe, VideoCodec, is_keyframe_start};
 use crate::ids::{CallId, SessionId, TrackId, UserId};
 use crate::metrics as m;
 
-/// Packets kept per forwarded video stream to answer NACKs (str0m's default is 2000 over 3 s).
-const RTX_CACHE_PACKETS: usize = 512;
+/// Packets kept per forwarded video stream to answer NACKs (str0m's default is 2000 over 3 s). str0m
+/// keeps each as a 408-byte struct (the payload itself is shared), so this is most of a video
+/// subscription's memory: 256 entries are about 100 KiB, and still a second of repair at 2 Mbit/s
+/// (0.6 s at 4 Mbit/s), far more than a NACK round trip.
+const RTX_CACHE_PACKETS: usize = 256;
 /// How long a forwarded packet can still be resent.
-const RTX_CACHE_AGE: Duration = Duration::from_millis(1500);
+const RTX_CACHE_AGE: Duration = Duration::from_millis(1000);
 
 /// How often layer selection, bitrate measurement, speakers and liveness run.
 const TICK: Duration = Duration::from_millis(100);
@@ -904,8 +907,7 @@ impl Worker {
                             // would wait tens of milliseconds behind the pacer). BWE still runs
                             // on transport-cc feedback and drives layer selection.
                             stream.set_unpaced(true);
-                            // NACKs are answered from a cache sized for repair, not for history:
-                            // this is most of what a subscription costs in memory.
+                            // NACKs are answered from a cache sized for repair, not for history.
                             stream.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(0.15));
                             c.ssrc = Some(stream.ssrc());
                         }
