@@ -1,7 +1,8 @@
 """Synthetic media of known properties, and checks of what was decoded.
 
 - `PatternVideo`: a video track of a chosen size, frame rate and colour (a constant U/V chroma
-  with a moving luma bar, so the encoder has motion to code). `resize()` changes the size on the
+  with a moving luma bar, so the encoder has motion to code; or luma noise, for a realistic
+  bitrate). `resize()` changes the size on the
   next frame; aiortc's encoders restart on a new size, so the change arrives on a keyframe.
 - `ToneAudio`: a sine tone at a chosen frequency, 48 kHz mono, 20 ms frames.
 - `chroma_of(frame)` and `tone_of(frame)` read back what a decoded frame carries, so a receiver can
@@ -26,9 +27,13 @@ AUDIO_SAMPLES = 960  # 20 ms
 class PatternVideo(MediaStreamTrack):
     kind = "video"
 
-    def __init__(self, width: int, height: int, fps: float = 15, chroma=(90, 200)):
+    def __init__(self, width: int, height: int, fps: float = 15, chroma=(90, 200),
+                 texture: bool = False):
+        """`texture`: luma noise that changes every frame, so the encoder spends its whole
+        bitrate, as with a camera (a plain pattern codes to a few packets a second)."""
         super().__init__()
         self.fps = fps
+        self.texture = texture
         self.chroma = chroma
         self.sent = 0
         self.sizes_sent: list[tuple[float, int, int]] = []  # (time of first frame, w, h)
@@ -43,6 +48,9 @@ class PatternVideo(MediaStreamTrack):
         base[height:height + height // 4] = u
         base[height + height // 4:] = v
         self._base = base
+        if self.texture:
+            rng = np.random.default_rng(width * height)
+            self._noise = [rng.integers(40, 200, (height, width), np.uint8) for _ in range(6)]
 
     def resize(self, width: int, height: int) -> None:
         self._pending = (width, height)
@@ -61,6 +69,8 @@ class PatternVideo(MediaStreamTrack):
         if not self.sizes_sent or self.sizes_sent[-1][1:] != (self.width, self.height):
             self.sizes_sent.append((time.time(), self.width, self.height))
         img = self._base.copy()
+        if self.texture:
+            img[: self.height] = self._noise[self.sent % len(self._noise)]
         bar = (self.sent * 8) % max(1, self.width - 16)
         img[: self.height, bar:bar + 16] = 235
         frame = av.VideoFrame.from_ndarray(img, format="yuv420p")
