@@ -36,3 +36,71 @@ async def start_call(caller: Signal, invitees: list[Signal], mode: str = "genera
     for s in invitees:
         await accept(call_id, caller, s)
     return call_id
+
+
+# ----- billing (section 5) -----
+
+# The default tiers: (name, max_pixels), the last unbounded.
+DEFAULT_TIERS = [("audio", 0), ("hd", 921_600), ("full_hd", 2_073_600), ("2k", 3_686_400),
+                 ("4k", 8_847_360), ("4k_plus", None)]
+
+
+def tier_of(pixels: int, tiers=DEFAULT_TIERS) -> str:
+    """The first tier whose max_pixels is not below the aggregate (section 5)."""
+    for name, most in tiers:
+        if most is None or pixels <= most:
+            return name
+    return tiers[-1][0]
+
+
+def schedule(room, end: float, hold: float = 0.0) -> list[tuple[float, float, int]]:
+    """What this subscriber received, as seen by its decoder: `(start, end, aggregate pixels)`
+    spans from its first decoded video frame to `end`. A track counts from its first decoded frame,
+    a new size from the first decoded frame of that size, each taken `hold` seconds earlier:
+    aiortc's jitter buffer releases a frame only when the next frame's first packet arrives, so a
+    decoded frame reached the client one frame interval before it is seen here."""
+    changes = sorted((t - hold, key, w * h) for key, rec in room.received.items()
+                     if rec.kind == "video" for t, w, h in rec.sizes if t < end)
+    spans, current = [], {}
+    for i, (t, key, px) in enumerate(changes):
+        current[key] = px
+        nxt = changes[i + 1][0] if i + 1 < len(changes) else end
+        if nxt > t:
+            spans.append((t, nxt, sum(current.values())))
+    return spans
+
+
+def expected_ms(spans, tiers=DEFAULT_TIERS) -> dict[str, float]:
+    """Milliseconds per tier of a schedule."""
+    out: dict[str, float] = {}
+    for start, end, px in spans:
+        tier = tier_of(px, tiers)
+        out[tier] = out.get(tier, 0.0) + (end - start) * 1000
+    return out
+
+
+def ledger_rows(db_path, call_id: str) -> list[dict]:
+    """The usage ledger's rows for a call, read straight from the server's SQLite file (read-only).
+    doc: the ledger's rows are not in the protocol; the admin API reports only sums."""
+    import sqlite3
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        cur = con.execute("SELECT user_id, tier, start_ms, end_ms FROM usage WHERE call_id = ? "
+                          "ORDER BY user_id, start_ms", (call_id,))
+        return [dict(user_id=u, tier=t, start_ms=s, end_ms=e) for u, t, s, e in cur]
+    finally:
+        con.close()
+
+
+def overlaps(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """Pairs of rows of the same user that overlap in time."""
+    bad = []
+    by_user: dict[str, list[dict]] = {}
+    for r in rows:
+        by_user.setdefault(r["user_id"], []).append(r)
+    for rs in by_user.values():
+        rs.sort(key=lambda r: r["start_ms"])
+        for a, b in zip(rs, rs[1:]):
+            if b["start_ms"] < a["end_ms"]:
+                bad.append((a, b))
+    return bad
