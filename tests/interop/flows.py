@@ -53,27 +53,36 @@ def tier_of(pixels: int, tiers=DEFAULT_TIERS) -> str:
     return tiers[-1][0]
 
 
-def schedule(room, end: float, hold: float = 0.0) -> list[tuple[float, float, int]]:
-    """What this subscriber received, as seen by its decoder: `(start, end, aggregate pixels)`
-    spans from its first decoded video frame to `end`. A track counts from its first decoded frame,
-    a new size from the first decoded frame of that size, each taken `hold` seconds earlier:
-    aiortc's jitter buffer releases a frame only when the next frame's first packet arrives, so a
-    decoded frame reached the client one frame interval before it is seen here."""
-    changes = sorted((t - hold, key, w * h) for key, rec in room.received.items()
-                     if rec.kind == "video" for t, w, h in rec.sizes if t < end)
-    spans, current = [], {}
+def spans(changes: list[tuple], end: float) -> list[tuple[float, float, int]]:
+    """`(start, end, aggregate pixels)` spans while anything is received, from `(time, consumer,
+    pixels)` changes: pixels is 0 for audio, width x height for video, None when it stops."""
+    out, current = [], {}
+    changes = sorted((c for c in changes if c[0] < end), key=lambda c: c[0])
     for i, (t, key, px) in enumerate(changes):
-        current[key] = px
+        if px is None:
+            current.pop(key, None)
+        else:
+            current[key] = px
         nxt = changes[i + 1][0] if i + 1 < len(changes) else end
-        if nxt > t:
-            spans.append((t, nxt, sum(current.values())))
-    return spans
+        if nxt > t and current:
+            out.append((t, nxt, sum(current.values())))
+    return out
 
 
-def expected_ms(spans, tiers=DEFAULT_TIERS) -> dict[str, float]:
+def schedule(room, end: float, hold: float = 0.0) -> list[tuple[float, float, int]]:
+    """What this subscriber received, as seen by its decoder: spans from its first decoded video
+    frame to `end`. A track counts from its first decoded frame, a new size from the first decoded
+    frame of that size, each taken `hold` seconds earlier: aiortc's jitter buffer releases a video
+    frame only when the next frame's first packet arrives, so a decoded frame reached the client
+    one frame interval before it is seen here."""
+    return spans([(t - hold, key, w * h) for key, rec in room.received.items()
+                  if rec.kind == "video" for t, w, h in rec.sizes], end)
+
+
+def expected_ms(schedule_spans, tiers=DEFAULT_TIERS) -> dict[str, float]:
     """Milliseconds per tier of a schedule."""
     out: dict[str, float] = {}
-    for start, end, px in spans:
+    for start, end, px in schedule_spans:
         tier = tier_of(px, tiers)
         out[tier] = out.get(tier, 0.0) + (end - start) * 1000
     return out

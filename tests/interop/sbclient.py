@@ -353,6 +353,17 @@ class Room:
         )
         return result["sdp"]
 
+    async def subscription(self, track_id: str, enabled: bool = True,
+                           max_width: Optional[int] = None,
+                           max_height: Optional[int] = None) -> None:
+        """`rtc_subscription`: pause/resume one forwarded track, or cap its resolution."""
+        args: dict[str, Any] = dict(call_id=self.call_id, track_id=track_id, enabled=enabled)
+        if max_width is not None:
+            args["max_width"] = max_width
+        if max_height is not None:
+            args["max_height"] = max_height
+        await self.signal.request("rtc_subscription", **args)
+
     async def leave(self) -> None:
         await self.signal.request("rtc_leave", call_id=self.call_id)
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from flows import (expected_ms, ledger_rows, overlaps, schedule, start_call, tier_of)
-from media import PatternVideo
+from flows import expected_ms, ledger_rows, overlaps, schedule, spans, start_call
+from media import PatternVideo, ToneAudio
 from sbclient import Room
 
 CHECKPOINT_S = 2
@@ -137,3 +137,75 @@ async def test_usage_per_tier_matches_what_subscribers_received(start_server, co
             await room.close()
         for v in videos.values():
             v.stop()
+
+
+AUDIO_HOLD = 0.08  # aiortc releases audio after 4 packets of 20 ms are buffered
+
+
+async def test_paused_video_leaves_the_audio_tier_and_resuming_returns(start_server, connect):
+    """A user who receives only audio is in tier `audio` (section 5). Bob receives alice's
+    audio and 640x360 video (hd), pauses the video with rtc_subscription (audio), then resumes it
+    (hd again on the next keyframe). The ledger follows, row by row."""
+    server = start_server(billing_checkpoint=CHECKPOINT_S)
+    alice, bob = await connect(server, "alice"), await connect(server, "bob")
+    call_id = await start_call(alice, [bob], mode="advanced")
+    ra, rb = Room(alice, call_id), Room(bob, call_id)
+    video, tone = PatternVideo(640, 360, fps=FPS), ToneAudio(440.0)
+    try:
+        await ra.join()
+        await rb.join()
+        await ra.publish([video, tone])  # bob publishes nothing: he only receives
+        await rb.wait_for(lambda: len(rb.tracks_from("alice")) == 2
+                          and all(r.frames for r in rb.tracks_from("alice")), 20,
+                          "alice's audio and video")
+        (v,) = rb.tracks_from("alice", "video")
+        (a,) = rb.tracks_from("alice", "audio")
+        ev = await bob.next_event("billing_tier",
+                                  where=lambda d: d["call_id"] == call_id and d["pixels"] == 230_400)
+        assert ev["tier"] == "hd", ev
+        await asyncio.sleep(2.5)
+
+        paused_at = time.time()
+        await rb.subscription(v.track_id, enabled=False)
+        ev = await bob.next_event("billing_tier", where=lambda d: d["call_id"] == call_id
+                                  and d["tier"] == "audio")
+        assert ev["pixels"] == 0, ev
+        frames_when_paused = v.frames
+        await asyncio.sleep(2.5)
+        # Paused means paused: at most what was in flight when the pause took effect.
+        assert v.frames - frames_when_paused <= 1, "video kept coming while paused"
+
+        resumed_at = time.time()
+        await rb.subscription(v.track_id, enabled=True)
+        await rb.wait_for(lambda: v.arrivals[-1] > resumed_at, 10, "video after resuming")
+        first_again = next(t for t in v.arrivals if t > resumed_at)
+        await bob.next_event("billing_tier", where=lambda d: d["call_id"] == call_id
+                             and d["tier"] == "hd" and d["pixels"] == 230_400)
+        await asyncio.sleep(2.0)
+        end = time.time()
+        await alice.call_end(call_id)
+
+        changes = [(a.first_at - AUDIO_HOLD, "audio", 0),
+                   (v.first_at - 1 / FPS, "video", 230_400),
+                   (paused_at, "video", None),
+                   (first_again - 1 / FPS, "video", 230_400)]
+        expected = expected_ms(spans(changes, end))
+        report = await server.get_json(f"/v1/billing/usage?call_id={call_id}&user_id=bob")
+        billed = {r["tier"]: r["ms"] for r in report["calls"]}
+        assert set(billed) == {"audio", "hd"}, billed
+        for tier in ("audio", "hd"):
+            assert abs(billed[tier] - expected[tier]) <= tolerance(expected[tier]), (billed, expected)
+
+        # The ledger: hd, then audio from the pause, then hd from the first frame after resuming.
+        rows = [r for r in ledger_rows(server.db, call_id) if r["user_id"] == "bob"]
+        assert not overlaps(rows)
+        audio_rows = [r for r in rows if r["tier"] == "audio" and r["start_ms"] > v.first_at * 1000]
+        assert abs(audio_rows[0]["start_ms"] - paused_at * 1000) <= 200, (audio_rows, paused_at)
+        back = next(r for r in rows if r["tier"] == "hd" and r["start_ms"] > paused_at * 1000)
+        assert abs(back["start_ms"] - (first_again - 1 / FPS) * 1000) <= 200, (back, first_again)
+        print("audio tier: expected", {t: round(ms) for t, ms in expected.items()}, "billed", billed)
+    finally:
+        await ra.close()
+        await rb.close()
+        video.stop()
+        tone.stop()
