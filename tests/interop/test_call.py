@@ -5,12 +5,13 @@ it is the other's (size, colour, tone)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from flows import start_call
 from media import PatternVideo, ToneAudio, chroma_of, tone_of
-from sbclient import Room, wait_until
+from sbclient import ProtocolError, Room
 
 # Who sends what: a distinct size, colour (U, V) and tone per sender.
 SENDS = {
@@ -126,3 +127,54 @@ async def test_two_aiortc_clients_exchange_video_and_audio(server, connect, code
             await room.close()
         for t in (*videos.values(), *tones.values()):
             t.stop()
+
+
+async def test_second_device_takes_over_the_media(server, connect):
+    """Several devices per user (section 1): bob joins the room from a second session; the server
+    moves his media there. His first session is told it left (participant_left with its own user
+    ID), stops receiving, and may no longer drive the participant."""
+    alice = await connect(server, "alice")
+    bob1 = await connect(server, "bob")
+    bob2 = await connect(server, "bob")
+    call_id = await start_call(alice, [bob1])
+    # The other device stops ringing: it hears bob accepted.
+    await bob2.next_event("call_user_state_changed", where=lambda d: d["call_id"] == call_id
+                          and any(u["user_id"] == "bob" and u["state"] == "accepted"
+                                  for u in d["users"]))
+    ra, r1, r2 = Room(alice, call_id), Room(bob1, call_id), Room(bob2, call_id)
+    video = PatternVideo(320, 240, fps=15)
+    try:
+        await ra.join()
+        await r1.join()
+        await ra.publish([video])
+        await r1.wait_for(lambda: any(r.frames >= 5 for r in r1.tracks_from("alice", "video")),
+                          20, "bob's first device receiving")
+
+        others = await r2.join()
+        taken_at = time.time()
+        assert [(p["user_id"], [t["kind"] for t in p["tracks"]]) for p in others] == \
+            [("alice", ["video"])], others
+        await bob1.next_event("participant_left",
+                              where=lambda d: d["call_id"] == call_id and d["user_id"] == "bob")
+        await r2.wait_for(lambda: any(r.frames >= 5 for r in r2.tracks_from("alice", "video")),
+                          20, "bob's second device receiving")
+        (on2,) = r2.tracks_from("alice", "video")
+        assert on2.size == (320, 240)
+
+        with pytest.raises(ProtocolError) as e:
+            await bob1.request("rtc_subscription", call_id=call_id, track_id=on2.track_id,
+                               enabled=False)
+        assert e.value.code == "invalid_state"
+
+        await asyncio.sleep(2.0)  # observation window: bob's first device must stay silent
+        late = sum(1 for r in r1.tracks_from("alice", "video") for t in r.arrivals
+                   if t > taken_at + 0.5)
+        assert late == 0, f"bob's first device decoded {late} frames after the takeover"
+        assert sum(1 for t in on2.arrivals if t > taken_at + 0.5) >= 15
+        info = await server.get_json(f"/v1/rooms/{call_id}")
+        (bob,) = [p for p in info["participants"] if p["user_id"] == "bob"]
+        assert bob["session_id"] == bob2.session_id, (bob, bob2.session_id)
+    finally:
+        for r in (ra, r1, r2):
+            await r.close()
+        video.stop()
