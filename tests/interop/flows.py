@@ -15,7 +15,7 @@ async def invite(caller: Signal, invitees: list[Signal], mode: str = "general",
     """`call_invite`; every invitee sees `call_invitation_received`. Returns the call ID."""
     r = await caller.call_invite([s.user_id for s in invitees], mode=mode, timeout=timeout)
     call_id = r["call_id"]
-    assert r["error_users"] == [], r
+    assert r["error_users"] == [] and r["timeout"] == timeout, r
     for s in invitees:
         inv = await s.next_event("call_invitation_received", where=lambda d: d["call_id"] == call_id)
         assert inv["caller"] == caller.user_id and inv["mode"] == mode, inv

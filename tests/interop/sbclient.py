@@ -28,7 +28,7 @@ import itertools
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Callable, Optional
 
 import websockets
 from aiortc import (
@@ -99,15 +99,17 @@ class Signal:
 
     # ----- requests -----
 
-    async def request(self, op: str, timeout: float = 10, **args: Any) -> dict:
-        """Sends `{"id","op","args"}` and returns the reply's `result` (section 2)."""
+    async def request(self, op: str, reply_within: float = 10, **args: Any) -> dict:
+        """Sends `{"id","op","args"}` and returns the reply's `result` (section 2). `args` are the
+        op's own arguments (`timeout` among them for call_invite); `reply_within` is how long to
+        wait for the reply."""
         rid = next(self._ids)
         self._last_id = rid
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = (op, fut)
         await self._ws.send(json.dumps({"id": rid, "op": op, "args": args}))
         try:
-            reply = await asyncio.wait_for(fut, timeout)
+            reply = await asyncio.wait_for(fut, reply_within)
         finally:
             self._pending.pop(rid, None)
         if reply.get("ok"):
@@ -458,20 +460,3 @@ class Room:
         return ", ".join(f"{r.user_id}/{r.kind}:{r.frames}f{'@%dx%d' % r.size if r.size else ''}"
                          for r in self.received.values()) or "nothing"
 
-
-async def wait_until(cond: Callable[[], bool], timeout: float, what: str,
-                     interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-async def wait_until_async(cond: Callable[[], Awaitable[bool]], timeout: float, what: str,
-                           interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(interval)
