@@ -336,7 +336,11 @@ class Room:
 
     async def publish(self, tracks: list[MediaStreamTrack]) -> str:
         """Offers the publisher connection with `tracks` (send-only) and applies the answer.
-        Returns the answer SDP."""
+        Returns the answer SDP.
+
+        doc: the answer is all the result carries: the document gives no way to learn the
+        track IDs the server chose for our own tracks (others hear track_published; we don't).
+        Nor does it list the codecs the server accepts (Opus, VP8, VP9, H.264, AV1 in practice)."""
         for track in tracks:
             transceiver = self.publisher.addTransceiver(track, direction="sendonly")
             if track.kind == "video" and self.video_codec:
@@ -380,7 +384,11 @@ class Room:
     # ----- the subscriber connection -----
 
     async def _answer_offers(self) -> None:
-        """Answers the server's offers one at a time, in the order they came (section 4)."""
+        """Answers the server's offers one at a time, in the order they came (section 4).
+
+        doc: the document does not say when the first rtc_offer comes (here: once another
+        participant has published, which may be never), nor that the server waits for each answer
+        before it offers again; answering strictly in order is safe either way."""
         while True:
             sdp = await self._offers.get()
             try:
@@ -402,7 +410,11 @@ class Room:
                 self.errors.append(e)
 
     def _track_new_receivers(self, offer_sdp: str) -> None:
-        """Starts recording each newly offered track, named by its msid `<user_id> <track_id>`."""
+        """Starts recording each newly offered track, named by its msid `<user_id> <track_id>`.
+
+        doc: a Track's `mid` (in rtc_join and track_published) is not the subscriber connection's
+        mid; the document does not say so, and a client that maps transceivers by it gets the
+        wrong track. The msid is the only reliable key."""
         msids = sdp_msids(offer_sdp)
         for transceiver in self.subscriber.getTransceivers():
             track = transceiver.receiver.track
