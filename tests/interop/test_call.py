@@ -95,9 +95,9 @@ async def test_two_aiortc_clients_exchange_video_and_audio(server, connect, code
             hz, rms = tone_of(audio[user][50:])
             assert abs(hz - SENDS[sender]["hz"]) < 15, (user, hz)
             assert rms > 0.05, (user, rms)
-            # The subscriber connection negotiated the codec the publisher used.
-            sdp = room.subscriber.remoteDescription.sdp
-            assert f"{codec}/90000" in sdp
+            # The server offers subscribers every codec it knows, so the offer proves nothing;
+            # the publisher could only send `codec` (its answer above), the server does not
+            # transcode, and the frames decoded with the right content: `codec` went end to end.
 
         # Each side learnt the other's measured resolution (track_resolution, section 4).
         for user, sig in (("alice", alice), ("bob", bob)):
