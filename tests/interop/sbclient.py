@@ -242,6 +242,31 @@ class Signal:
 # ======================================================================================
 
 
+def split_candidates(sdp: str) -> tuple[str, list[dict]]:
+    """The SDP without its candidate lines, and those candidates as RTCIceCandidateInit objects
+    (`candidate`, `sdpMid`, `sdpMLineIndex`), each once (a BUNDLE repeats them per m-section),
+    for a client that trickles (section 4)."""
+    lines = sdp.split("\r\n")
+    mids, index = {}, -1
+    for line in lines:
+        if line.startswith("m="):
+            index += 1
+        elif line.startswith("a=mid:"):
+            mids[index] = line[len("a=mid:"):]
+    kept, found, seen, index = [], [], set(), -1
+    for line in lines:
+        if line.startswith("m="):
+            index += 1
+        if line.startswith("a=candidate:"):
+            if line not in seen:
+                seen.add(line)
+                found.append({"candidate": line[2:], "sdpMid": mids.get(index),
+                              "sdpMLineIndex": index})
+        elif line != "a=end-of-candidates":
+            kept.append(line)
+    return "\r\n".join(kept), found
+
+
 def sdp_msids(sdp: str) -> dict[str, str]:
     """mid -> msid value of every m-section of an SDP that has both."""
     out: dict[str, str] = {}
@@ -284,14 +309,16 @@ class Room:
     """A participant's media in the room named by `call_id` (section 4)."""
 
     def __init__(self, signal: Signal, call_id: str, video_codec: Optional[str] = None,
-                 rewrite_offer: Optional[Callable[[str], str]] = None):
+                 rewrite_offer: Optional[Callable[[str], str]] = None, trickle: bool = False):
         """`video_codec` ("VP8", "H264") restricts what the publisher offers. `rewrite_offer`
         lets a test change the server's subscriber offer before it is applied (the loss test
-        points the server's candidate at a relay)."""
+        points the server's candidate at a relay). `trickle`: send our candidates with
+        rtc_candidate after the offer/answer instead of inside it."""
         self.signal = signal
         self.call_id = call_id
         self.video_codec = video_codec
         self.rewrite_offer = rewrite_offer
+        self.trickle = trickle
         # doc: the server's SDP carries its host candidates, so no STUN/TURN servers are needed.
         config = RTCConfiguration(iceServers=[])
         self.publisher = RTCPeerConnection(config)
@@ -351,13 +378,26 @@ class Room:
         offer = await self.publisher.createOffer()
         # aiortc gathers every candidate here, so the offer carries them all (no trickle).
         await self.publisher.setLocalDescription(offer)
-        result = await self.signal.request(
-            "rtc_publish", call_id=self.call_id, sdp=self.publisher.localDescription.sdp
-        )
+        sdp, candidates = split_candidates(self.publisher.localDescription.sdp)
+        if not self.trickle:
+            sdp, candidates = self.publisher.localDescription.sdp, []
+        result = await self.signal.request("rtc_publish", call_id=self.call_id, sdp=sdp)
         await self.publisher.setRemoteDescription(
             RTCSessionDescription(sdp=result["sdp"], type="answer")
         )
+        await self._send_candidates("publisher", candidates)
         return result["sdp"]
+
+    async def _send_candidates(self, target: str, candidates: list[dict]) -> None:
+        if not self.trickle:
+            return
+        for c in candidates:
+            await self.signal.request("rtc_candidate", call_id=self.call_id, target=target,
+                                      candidate=c)
+        # doc: the end of candidates is not described; a browser sends an empty candidate.
+        await self.signal.request("rtc_candidate", call_id=self.call_id, target=target,
+                                  candidate={"candidate": "", "sdpMid": None,
+                                             "sdpMLineIndex": None})
 
     async def subscription(self, track_id: str, enabled: bool = True,
                            max_width: Optional[int] = None,
@@ -400,9 +440,11 @@ class Room:
                 self._track_new_receivers(sdp)
                 answer = await self.subscriber.createAnswer()
                 await self.subscriber.setLocalDescription(answer)
-                await self.signal.request(
-                    "rtc_answer", call_id=self.call_id, sdp=self.subscriber.localDescription.sdp
-                )
+                sdp, candidates = split_candidates(self.subscriber.localDescription.sdp)
+                if not self.trickle:
+                    sdp, candidates = self.subscriber.localDescription.sdp, []
+                await self.signal.request("rtc_answer", call_id=self.call_id, sdp=sdp)
+                await self._send_candidates("subscriber", candidates)
                 self.offers_answered += 1
             except asyncio.CancelledError:
                 raise

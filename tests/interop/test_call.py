@@ -178,3 +178,33 @@ async def test_second_device_takes_over_the_media(server, connect):
         for r in (ra, r1, r2):
             await r.close()
         video.stop()
+
+
+async def test_clients_that_trickle_their_candidates(server, connect):
+    """Section 4: clients may trickle candidates instead of putting them in the SDP. Both aiortc
+    clients send offers and answers without candidates, then each candidate with rtc_candidate
+    (publisher and subscriber), then an empty one: every rtc_candidate is accepted and media
+    flows both ways. (The server is ICE-lite and answers checks from any address, so this cannot
+    show that it used the candidates, only that trickling clients work.)"""
+    alice, bob = await connect(server, "alice"), await connect(server, "bob")
+    call_id = await start_call(alice, [bob])
+    rooms = {s.user_id: Room(s, call_id, trickle=True) for s in (alice, bob)}
+    videos = {u: PatternVideo(*SENDS[u]["size"], fps=15, chroma=SENDS[u]["chroma"])
+              for u in rooms}
+    try:
+        for room in rooms.values():
+            await room.join()
+        for u, room in rooms.items():
+            answer = await room.publish([videos[u]])
+            assert "a=candidate:" in answer  # the server's own candidates are in its SDP
+        for u, peer in (("alice", "bob"), ("bob", "alice")):
+            await rooms[u].wait_for(
+                lambda r=rooms[u], p=peer: any(x.frames >= 10 for x in r.tracks_from(p, "video")),
+                20, f"{u} decoding {peer}'s video")
+            (v,) = rooms[u].tracks_from(peer, "video")
+            assert v.size == SENDS[peer]["size"]
+    finally:
+        for room in rooms.values():
+            await room.close()
+        for v in videos.values():
+            v.stop()
