@@ -117,10 +117,6 @@ class Signal:
         err = reply.get("error", {})
         raise ProtocolError(op, err.get("code", "?"), err.get("message", ""), err.get("details"))
 
-    async def send_raw(self, text: str) -> None:
-        """Sends a frame as is (for malformed-input tests)."""
-        await self._ws.send(text)
-
     # Call invitation (section 3.2), thin wrappers that name the arguments.
     async def call_invite(self, invitees, mode="general", timeout=60, extended_data=""):
         return await self.request(
@@ -179,9 +175,6 @@ class Signal:
             raise AssertionError(
                 f"{self.user_id}: no {name} event within {timeout}s; events so far: {seen}"
             ) from None
-
-    def events_named(self, name: str) -> list[dict]:
-        return [e.data for e in self.events if e.name == name]
 
     # ----- the socket -----
 
