@@ -3,6 +3,9 @@ signaling sessions a test opens, all closed afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+
 import pytest
 
 from harness import Server, keep_ice_on_loopback
@@ -52,3 +55,19 @@ async def connect():
         await sig.close()
     for sig in opened:
         assert not sig.violations, f"{sig.user_id}: {sig.violations}"
+
+
+
+@pytest.fixture(autouse=True)
+async def _dump_tasks_when_stuck():
+    """pytest-timeout shows threads; a stuck asyncio test needs its tasks. If a test still runs
+    after two minutes, every task's stack goes to stderr (the timeout fails it at three)."""
+    async def dump():
+        await asyncio.sleep(120)
+        for task in asyncio.all_tasks():
+            print("stuck task:", task, file=sys.stderr)
+            task.print_stack(file=sys.stderr)
+
+    watchdog = asyncio.create_task(dump())
+    yield
+    watchdog.cancel()

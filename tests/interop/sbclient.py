@@ -320,13 +320,14 @@ class Room:
         self.offers_answered = 0
         self.participants: list[dict] = []
         self._offers: asyncio.Queue = asyncio.Queue()
+        self._closing = False
         self._tasks: list[asyncio.Task] = []
         self._answering = asyncio.create_task(self._answer_offers())
         signal.on_event(self._on_event)
         self.errors: list[BaseException] = []
 
     def _on_event(self, ev: Event) -> None:
-        if ev.data.get("call_id") != self.call_id:
+        if self._closing or ev.data.get("call_id") != self.call_id:
             return
         if ev.name == "rtc_offer":
             self._offers.put_nowait(ev.data["sdp"])
@@ -407,10 +408,15 @@ class Room:
         await self.signal.request("rtc_leave", call_id=self.call_id)
 
     async def close(self) -> None:
+        # The answering loop also stops on a None offer: Python 3.11's wait_for (inside
+        # request) can swallow a cancellation that races with a reply, so cancel alone may not
+        # stop it, and close must not wait forever.
+        self._closing = True
+        self._offers.put_nowait(None)
         self._answering.cancel()
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(self._answering, *self._tasks, return_exceptions=True)
+        await asyncio.wait([self._answering, *self._tasks], timeout=5)
         await self.publisher.close()
         await self.subscriber.close()
 
@@ -422,8 +428,10 @@ class Room:
         doc: the document does not say when the first rtc_offer comes (here: once another
         participant has published, which may be never), nor that the server waits for each answer
         before it offers again; answering strictly in order is safe either way."""
-        while True:
+        while not self._closing:
             sdp = await self._offers.get()
+            if sdp is None:
+                return
             try:
                 if self.rewrite_offer:
                     sdp = self.rewrite_offer(sdp)
