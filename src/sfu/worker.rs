@@ -46,11 +46,12 @@ use crate::metrics as m;
 const RTX_CACHE_PACKETS: usize = 1024;
 const RTX_CACHE_AGE: Duration = Duration::from_secs(3);
 /// Above this share of a stream's bytes in the last second being resends, str0m drops every
-/// queued resend. Its default, 0.15, trips routinely at 10% loss (each loss costs a resend, a lost
+/// queued resend. Its default, 0.15, trips often at 10% loss (each loss costs a resend, a lost
 /// resend another), and then the subscriber's video freezes until a later NACK gets through
 /// (seen as 1-2 s stalls in tests/interop/test_loss.py). 0.5 leaves room for heavy loss and still
 /// bounds what a subscriber's NACKs can make the server send at twice the stream.
 const RTX_RATIO_CAP: Option<f32> = Some(0.5);
+
 /// How often layer selection, bitrate measurement, speakers and liveness run.
 const TICK: Duration = Duration::from_millis(100);
 /// A layer with no packet for this long is inactive.
