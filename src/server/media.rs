@@ -256,6 +256,13 @@ impl MediaPlane {
                     .ok_or_else(|| ApiError::new(ErrorCode::Internal, "session not registered"))?;
                 let key = (a.call_id.clone(), user.clone());
                 if self.joined.get(&key).is_none_or(|s| *s != session) {
+                    // Someone with nothing to do with the call learns no more from leave than
+                    // from the other ops: call_not_found, as for rtc_join.
+                    if let Err(e) = self.hub.may_join_room(session, &a.call_id)
+                        && e.code == ErrorCode::CallNotFound
+                    {
+                        return Err(e);
+                    }
                     return Err(ApiError::new(
                         ErrorCode::InvalidState,
                         "this session is not in the room",

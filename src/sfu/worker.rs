@@ -49,6 +49,12 @@ use crate::metrics as m;
 const RTX_CACHE_PACKETS: usize = 256;
 /// How long a forwarded packet can still be resent.
 const RTX_CACHE_AGE: Duration = Duration::from_millis(1000);
+/// Above this share of a stream's bytes in the last second being resends, str0m drops every
+/// queued resend. Its default, 0.15, trips often at 10% loss (each loss costs a resend, a lost
+/// resend another), and then the subscriber's video freezes until a later NACK gets through
+/// (seen as 1-2 s stalls in tests/interop/test_loss.py). 0.5 leaves room for heavy loss and still
+/// bounds what a subscriber's NACKs can make the server send at twice the stream.
+const RTX_RATIO_CAP: Option<f32> = Some(0.5);
 
 /// How often layer selection, bitrate measurement, speakers and liveness run.
 const TICK: Duration = Duration::from_millis(100);
@@ -908,7 +914,7 @@ impl Worker {
                             // on transport-cc feedback and drives layer selection.
                             stream.set_unpaced(true);
                             // NACKs are answered from a cache sized for repair, not for history.
-                            stream.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(0.15));
+                            stream.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, RTX_RATIO_CAP);
                             c.ssrc = Some(stream.ssrc());
                         }
                     }
