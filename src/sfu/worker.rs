@@ -212,6 +212,8 @@ struct Room {
     participants: HashMap<UserId, Participant>,
     tracks: HashMap<TrackId, PubTrack>,
     speakers: SpeakerDetector<UserId>,
+    /// The room is being closed: participants go one by one, and nobody is re-offered.
+    closing: bool,
 }
 
 /// Per-round counters, flushed to metrics and [`Counters`] once per loop iteration.
@@ -764,6 +766,7 @@ impl Worker {
                     participants: HashMap::new(),
                     tracks: HashMap::new(),
                     speakers: SpeakerDetector::default(),
+                    closing: false,
                 },
             );
             metrics::gauge!(m::ROOMS).increment(1.0);
@@ -1004,11 +1007,13 @@ impl Worker {
     }
 
     fn close_room(&mut self, room_id: &CallId) {
-        let users: Vec<UserId> = self
-            .rooms
-            .get(room_id)
-            .map(|r| r.participants.keys().cloned().collect())
-            .unwrap_or_default();
+        let users: Vec<UserId> = match self.rooms.get_mut(room_id) {
+            Some(r) => {
+                r.closing = true;
+                r.participants.keys().cloned().collect()
+            }
+            None => Vec::new(),
+        };
         for u in users {
             self.remove_participant(room_id, &u, false);
         }
@@ -1122,7 +1127,7 @@ impl Worker {
     /// Brings the participant's subscriber connection in line with the room's tracks: one
     /// negotiation in flight at a time, the next queued until the answer.
     fn renegotiate(&mut self, room_id: &CallId, user: &UserId) {
-        let Some(room) = self.rooms.get_mut(room_id) else {
+        let Some(room) = self.rooms.get_mut(room_id).filter(|r| !r.closing) else {
             return;
         };
         let Some(p) = room.participants.get_mut(user) else {

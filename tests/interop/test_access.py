@@ -200,9 +200,6 @@ async def test_after_call_end_nobody_joins_or_receives(server, connect):
             v.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: closing the room of an ended call re-offers "
-                   "the remaining subscribers (rtc_offer) after call_invitation_ended; their "
-                   "rtc_answer can only fail with invalid_state")
 async def test_no_offer_arrives_for_a_call_that_ended(server, connect):
     alice, bob = [await connect(server, u) for u in ("alice", "bob")]
     call_id = await start_call(alice, [bob], mode="advanced")
