@@ -1487,8 +1487,6 @@ impl Worker {
         let Worker {
             conns,
             rooms,
-            out,
-            events,
             stats,
             sink,
             epoch,
@@ -1747,7 +1745,9 @@ impl Worker {
             stats.forwarded += 1;
             stats.bytes_forwarded += pkt.payload.len() as u64;
             stats.dwell.push(now);
-            drain(sub_id, sub, out, events);
+            // str0m releases the packet when next fed time: the round's timeout pass does that
+            // for every connection due, so mark this one due instead of polling it per packet.
+            sub.next_timeout = sub.next_timeout.min(now);
         }
         if let Some(layer) = want_keyframe {
             self.request_keyframe(&room_id, &track_id, layer, now);
