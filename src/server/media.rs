@@ -126,6 +126,9 @@ pub struct MediaPlane {
     hub: Arc<Hub>,
     /// Which session drives each participant.
     joined: DashMap<(CallId, UserId), SessionId>,
+    /// Calls someone tried to join, so the engine may hold their room: only these are closed in
+    /// the engine when the call ends (most calls that ring never get a room).
+    rooms: DashMap<CallId, ()>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -157,6 +160,7 @@ impl MediaPlane {
             sfu,
             hub,
             joined: DashMap::new(),
+            rooms: DashMap::new(),
             runtime: tokio::runtime::Handle::current(),
         }
     }
@@ -190,6 +194,7 @@ impl MediaPlane {
                         "the server is draining for a restart; try again in a moment",
                     ));
                 }
+                self.rooms.insert(a.call_id.clone(), ());
                 let r = self
                     .sfu
                     .join(a.call_id.clone(), user.clone(), session)
@@ -313,6 +318,9 @@ impl RoomControl for MediaPlane {
     }
 
     fn close(&self, call_id: CallId) {
+        if self.rooms.remove(&call_id).is_none() {
+            return;
+        }
         self.joined.retain(|(c, _), _| *c != call_id);
         let sfu = self.sfu.clone();
         self.runtime.spawn(async move {
