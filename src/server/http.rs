@@ -187,7 +187,7 @@ pub async fn signal(
     }
     ws.max_message_size(cfg.max_frame)
         .max_frame_size(cfg.max_frame)
-        .read_buffer_size(4096)
+        .read_buffer_size(2048)
         .write_buffer_size(0)
         .on_upgrade(move |socket| super::session::run(app, socket, identity, shutdown))
 }
