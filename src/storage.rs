@@ -742,8 +742,8 @@ fn checkpoint_round(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Checkpoints `path`'s WAL every [`CHECKPOINT_EVERY`] on its own connection (PASSIVE: it never
-/// waits for or blocks the writer) until `stop` is dropped.
+/// Checkpoints `path`'s WAL every [`CHECKPOINT_EVERY`] on its own connection (see
+/// [`checkpoint_round`]) until `stop` is dropped.
 fn spawn_checkpointer(
     path: std::path::PathBuf,
     stop: mpsc::Receiver<()>,
