@@ -15,9 +15,9 @@ fn cycles(c: &mut Criterion) {
         let mut n = 0u64;
         let mut core = Signaling::with_id_source(
             Rules::default(),
-            Box::new(move || {
+            Box::new(move |now| {
                 n += 1;
-                CallId::parse(&format!("c_{n}")).unwrap_or_else(|_| CallId::random())
+                CallId::parse(&format!("c_{n}")).unwrap_or_else(|_| CallId::generate(now))
             }),
         );
         let caller = SessionId(1);

@@ -41,7 +41,7 @@ fn last_layers(got: &[Received], n: usize) -> Vec<char> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulcast_cap_selects_the_layer_and_switches_only_on_keyframes() {
     let (sfu, sink) = start(1);
-    let room = CallId::random();
+    let room = CallId::generate(0);
     let mut alice = join(&sfu, &sink, &room, "alice", None).await;
     let mut bob = join(&sfu, &sink, &room, "bob", None).await;
     alice
@@ -169,7 +169,7 @@ async fn simulcast_cap_selects_the_layer_and_switches_only_on_keyframes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_joiner_gets_a_keyframe_within_a_second() {
     let (sfu, sink) = start(1);
-    let room = CallId::random();
+    let room = CallId::generate(0);
     let mut alice = join(&sfu, &sink, &room, "alice", None).await;
     let mut bob = join(&sfu, &sink, &room, "bob", None).await;
     alice.publish(&sfu, &[TrackSpec::video()]).await;
@@ -259,7 +259,7 @@ fn futures_now<T: Send + 'static>(t: tokio::task::JoinHandle<T>) -> T {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_stops_the_stream_and_resume_restarts_it_on_a_keyframe() {
     let (sfu, sink) = start(1);
-    let room = CallId::random();
+    let room = CallId::generate(0);
     let mut alice = join(&sfu, &sink, &room, "alice", None).await;
     let mut bob = join(&sfu, &sink, &room, "bob", None).await;
     alice.publish(&sfu, &[TrackSpec::video()]).await;
@@ -322,7 +322,7 @@ async fn pause_stops_the_stream_and_resume_restarts_it_on_a_keyframe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leave_unpublishes_and_tells_the_others() {
     let (sfu, sink) = start(2);
-    let room = CallId::random();
+    let room = CallId::generate(0);
     let mut alice = join(&sfu, &sink, &room, "alice", None).await;
     let mut bob = join(&sfu, &sink, &room, "bob", None).await;
     alice
@@ -401,7 +401,7 @@ async fn leave_unpublishes_and_tells_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_participant_whose_connection_dies_is_removed() {
     let (sfu, sink) = start(1);
-    let room = CallId::random();
+    let room = CallId::generate(0);
     let mut alice = join(&sfu, &sink, &room, "alice", None).await;
     let mut bob = join(&sfu, &sink, &room, "bob", None).await;
     alice.publish(&sfu, &[TrackSpec::audio()]).await;
@@ -422,7 +422,7 @@ async fn a_participant_whose_connection_dies_is_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_join_of_the_same_user_replaces_the_first() {
     let (sfu, sink) = start(1);
-    let room = CallId::random();
+    let room = CallId::generate(0);
     let mut first = join(&sfu, &sink, &room, "dave@example.com", None).await;
     let mut bob = join(&sfu, &sink, &room, "bob", None).await;
     first.publish(&sfu, &[TrackSpec::video()]).await;
@@ -505,7 +505,7 @@ async fn a_second_join_of_the_same_user_replaces_the_first() {
 async fn bad_requests_get_protocol_errors_and_change_nothing() {
     use switchboard::sfu::{IceCandidateInit, PcTarget, SfuError};
     let (sfu, sink) = start(1);
-    let room = CallId::random();
+    let room = CallId::generate(0);
     let mut alice = join(&sfu, &sink, &room, "alice", None).await;
     let stranger = switchboard::ids::UserId::parse("mallory").unwrap();
 

@@ -13,7 +13,7 @@ use switchboard::sfu::{Forwarding, RtcEvent, TrackKind};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_participants_receive_each_others_vp8_and_opus_intact() {
     let (sfu, sink) = start(2);
-    let room = CallId::random();
+    let room = CallId::generate(0);
     let mut alice = join(&sfu, &sink, &room, "alice", None).await;
     let mut bob = join(&sfu, &sink, &room, "bob", None).await;
     assert!(
@@ -198,7 +198,7 @@ async fn two_participants_receive_each_others_vp8_and_opus_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newcomer_learns_who_is_speaking_at_once() {
     let (sfu, sink) = start(1);
-    let room = CallId::random();
+    let room = CallId::generate(0);
     let mut alice = join(&sfu, &sink, &room, "alice", None).await;
     let mut bob = join(&sfu, &sink, &room, "bob", None).await;
     alice.publish(&sfu, &[TrackSpec::audio()]).await;

@@ -44,7 +44,7 @@ fn sfu_cpu() -> f64 {
 #[ignore = "load measurement; run in release with --ignored --nocapture"]
 async fn one_publisher_eight_subscribers() {
     let (sfu, sink) = start(1);
-    let room = CallId::random();
+    let room = CallId::generate(0);
     let mut alice = join(&sfu, &sink, &room, "alice", None).await;
     let mut subs = Vec::new();
     for i in 0..8 {

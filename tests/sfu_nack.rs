@@ -67,7 +67,7 @@ fn vp8_pt(sdp: &str) -> Option<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_packets_are_recovered_through_nack_and_rtx() {
     let (sfu, sink) = start(1);
-    let room = CallId::random();
+    let room = CallId::generate(0);
     let mut alice = join(&sfu, &sink, &room, "alice", None).await;
     alice.publish(&sfu, &[TrackSpec::video()]).await;
 

@@ -285,7 +285,7 @@ pub struct Signaling {
     users: HashMap<UserId, Presence>,
     sessions: HashMap<SessionId, UserId>,
     timers: BTreeSet<(u64, Timer)>,
-    new_call_id: Box<dyn FnMut() -> CallId + Send>,
+    new_call_id: Box<dyn FnMut(u64) -> CallId + Send>,
     /// A drain is under way: no new calls, joins or answers that start media.
     draining: bool,
 }
@@ -305,13 +305,13 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
 }
 
 impl Signaling {
-    /// A core with random call IDs.
+    /// A core with time-ordered random call IDs ([`CallId::generate`]).
     pub fn new(rules: Rules) -> Self {
-        Self::with_id_source(rules, Box::new(CallId::random))
+        Self::with_id_source(rules, Box::new(CallId::generate))
     }
 
-    /// A core that takes call IDs from `ids` (tests use a counter).
-    pub fn with_id_source(rules: Rules, ids: Box<dyn FnMut() -> CallId + Send>) -> Self {
+    /// A core that takes call IDs from `ids`, given the creation time in ms (tests use a counter).
+    pub fn with_id_source(rules: Rules, ids: Box<dyn FnMut(u64) -> CallId + Send>) -> Self {
         Self {
             rules,
             calls: HashMap::new(),
@@ -707,7 +707,7 @@ impl Signaling {
             )));
         }
 
-        let call_id = (self.new_call_id)();
+        let call_id = (self.new_call_id)(now);
         let deadline = now + u64::from(timeout) * 1000;
         let mut users = vec![CallUserRecord {
             user_id: me.clone(),

@@ -41,7 +41,7 @@ impl H {
         let mut n = 0u64;
         let core = Signaling::with_id_source(
             rules,
-            Box::new(move || {
+            Box::new(move |_now| {
                 n += 1;
                 CallId::parse(&format!("c_{n}")).expect("valid")
             }),
