@@ -150,12 +150,15 @@ impl Default for SignalingConfig {
 pub struct StorageConfig {
     /// Path of the SQLite database; its directory is created if missing.
     pub path: PathBuf,
+    /// Days an ended call stays in the history; 0 keeps it forever. The billing ledger is kept.
+    pub history_days: u32,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("data/switchboard.db"),
+            history_days: 0,
         }
     }
 }

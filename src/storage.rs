@@ -281,6 +281,30 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes up to `limit` calls that ended before `before_ms`, oldest first, with their users
+    /// (history retention). Calls in progress are never deleted, whatever their age; the billing
+    /// ledger and the webhook outbox are not touched. Returns how many calls were deleted.
+    pub fn prune_history(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let seqs: Vec<i64> = {
+            let mut old = tx.prepare_cached(
+                "SELECT seq FROM calls WHERE state = 'ended' AND end_time < ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            old.query_map(params![before_ms as i64, limit as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        {
+            let mut users = tx.prepare_cached("DELETE FROM call_users WHERE call_seq = ?1")?;
+            let mut calls = tx.prepare_cached("DELETE FROM calls WHERE seq = ?1")?;
+            for seq in &seqs {
+                users.execute([seq])?;
+                calls.execute([seq])?;
+            }
+        }
+        tx.commit()?;
+        Ok(seqs.len())
+    }
+
     /// Every started call, for the core to restore after a restart.
     pub fn started_calls(&self) -> Result<Vec<CallRecord>, StoreError> {
         self.calls_where("state = 'started'", [], usize::MAX)
@@ -1148,5 +1172,60 @@ mod tests {
             })
             .expect("reads");
         assert_eq!(calls.len(), 20);
+    }
+
+    #[test]
+    fn pruning_deletes_only_calls_that_ended_before_the_cutoff() {
+        let (_dir, mut s) = open();
+        let ended = |id: &str, end: u64| {
+            let mut c = record(id, "alice", &["bob"], end - 10);
+            c.state = CallState::Ended;
+            c.end_time = end;
+            c.end_reason = Some(EndReason::Ended);
+            c
+        };
+        let old_running = record("c_running", "alice", &["carol"], 5);
+        s.write_calls(&[
+            ended("c_old1", 100),
+            ended("c_old2", 200),
+            ended("c_old3", 300),
+            ended("c_new", 1_000),
+            old_running,
+        ])
+        .expect("writes");
+        s.write_usage(&[UsageRecord {
+            call_id: CallId::parse("c_old1").expect("valid"),
+            user_id: uid("bob"),
+            start_ms: 90,
+            end_ms: 100,
+            tier: "hd".into(),
+        }])
+        .expect("usage");
+
+        // At most `limit` at a time, oldest first.
+        assert_eq!(s.prune_history(500, 2).expect("prunes"), 2);
+        let id = |i: &str| CallId::parse(i).expect("valid");
+        assert!(s.call(&id("c_old1")).expect("reads").is_none());
+        assert!(s.call(&id("c_old2")).expect("reads").is_none());
+        assert!(s.call(&id("c_old3")).expect("reads").is_some());
+        assert_eq!(s.prune_history(500, 100).expect("prunes"), 1);
+        assert_eq!(s.prune_history(500, 100).expect("prunes"), 0);
+
+        // Newer calls and calls in progress stay, whatever their age; so do their users.
+        let new = s.call(&id("c_new")).expect("reads").expect("kept");
+        assert_eq!(new.users.len(), 2);
+        let running = s.call(&id("c_running")).expect("reads").expect("kept");
+        assert_eq!(running.state, CallState::Started);
+        // The users of deleted calls are gone: bob's history holds only the call that is left.
+        let bob = s
+            .user_calls(&uid("bob"), 100, 0)
+            .expect("reads")
+            .calls
+            .into_iter()
+            .map(|c| c.call_id.as_str().to_owned())
+            .collect::<Vec<_>>();
+        assert_eq!(bob, vec!["c_new".to_owned()]);
+        // The billing ledger is not history: it stays.
+        assert_eq!(s.usage(0, u64::MAX, None, None).expect("reads").len(), 1);
     }
 }

@@ -1,5 +1,6 @@
 //! A restart loses no call: the real binary is killed (SIGKILL, then SIGTERM) while an invitation rings
-//! and started again on the same database.
+//! and started again on the same database. And what a start does to an existing database's history:
+//! retention (`[storage] history_days`).
 
 mod common;
 
@@ -102,4 +103,102 @@ async fn kill_9_during_ringing_loses_no_call() {
 #[tokio::test]
 async fn sigterm_during_ringing_loses_no_call_and_exits_0() {
     restart_keeps_ringing_calls(Some(libc::SIGTERM)).await;
+}
+
+/// `[storage] history_days`: at start, calls that ended before the retention are deleted with
+/// their users; recent ones and calls in progress stay.
+#[tokio::test]
+async fn history_past_the_retention_is_deleted() {
+    use switchboard::ids::{CallId, UserId};
+    use switchboard::signaling::wire::{CallState, EndReason, Mode, UserState};
+    use switchboard::signaling::{CallRecord, CallUserRecord};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("calls.db");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let day = 86_400_000;
+    let call = |id: &str, created: u64, ended: Option<u64>| CallRecord {
+        call_id: CallId::parse(id).expect("valid"),
+        caller: UserId::parse("alice").expect("valid"),
+        mode: Mode::Advanced,
+        state: if ended.is_some() {
+            CallState::Ended
+        } else {
+            CallState::Started
+        },
+        extended_data: String::new(),
+        timeout_secs: 30,
+        create_time: created,
+        end_time: ended.unwrap_or(0),
+        end_reason: ended.map(|_| EndReason::Ended),
+        users: vec![CallUserRecord {
+            user_id: UserId::parse("alice").expect("valid"),
+            state: if ended.is_some() {
+                UserState::Quit
+            } else {
+                UserState::Accepted
+            },
+            extended_data: String::new(),
+            inviter: UserId::parse("alice").expect("valid"),
+            invite_extended_data: String::new(),
+            invite_time: created,
+            deadline: created + 30_000,
+            accept_time: created,
+            leave_time: ended.unwrap_or(0),
+        }],
+    };
+    {
+        let mut store = switchboard::storage::Store::open(&db).expect("opens");
+        store
+            .write_calls(&[
+                call("c_old", now - 5 * day, Some(now - 5 * day + 60_000)),
+                call("c_recent", now - day, Some(now - day + 60_000)),
+                call("c_long", now - 5 * day, None),
+            ])
+            .expect("writes");
+    }
+    let port = free_port();
+    let mut p = start(
+        &db,
+        port,
+        &[("SWITCHBOARD_STORAGE_HISTORY_DAYS", "3".into())],
+    )
+    .await;
+    let status = |id: &'static str| {
+        let url = format!("http://127.0.0.1:{port}/v1/calls/{id}");
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token("ops", true))
+                .send()
+                .await
+                .expect("http")
+                .status()
+                .as_u16()
+        }
+    };
+    let until = Instant::now() + WAIT;
+    while status("c_old").await != 404 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status("c_old").await,
+        404,
+        "the call that ended 5 days ago is deleted"
+    );
+    assert_eq!(
+        status("c_recent").await,
+        200,
+        "the call that ended yesterday stays"
+    );
+    assert_eq!(
+        status("c_long").await,
+        200,
+        "a call in progress stays, whatever its age"
+    );
+    p.child.kill().expect("kill");
+    let _ = p.child.wait();
 }

@@ -99,6 +99,63 @@ pub struct Server {
     biller_task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// How often ended calls past `[storage] history_days` are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// Calls deleted per storage job: live writes wait for at most one such batch.
+const PRUNE_BATCH: usize = 500;
+
+/// History retention: at start and every [`PRUNE_EVERY`], deletes the calls that ended more than
+/// `[storage] history_days` ago, a batch per storage job. Nothing runs when the setting is 0.
+fn spawn_history_pruning(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
+    let days = hub.config().storage.history_days;
+    if days == 0 {
+        return;
+    }
+    let keep_ms = u64::from(days) * 86_400_000;
+    tokio::spawn(async move {
+        loop {
+            let before = now_ms().saturating_sub(keep_ms);
+            let mut pruned = 0;
+            loop {
+                match hub
+                    .store()
+                    .call(move |s| s.prune_history(before, PRUNE_BATCH))
+                    .await
+                {
+                    Ok(Ok(n)) => {
+                        pruned += n;
+                        if n < PRUNE_BATCH {
+                            break;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        metrics::counter!(crate::metrics::STORAGE_ERRORS, "op" => "prune_history")
+                            .increment(1);
+                        tracing::warn!(error = %e, "pruning the call history failed");
+                        break;
+                    }
+                    Err(_) => return,
+                }
+            }
+            if pruned > 0 {
+                tracing::info!(
+                    calls = pruned,
+                    days,
+                    "deleted ended calls past the history retention"
+                );
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(PRUNE_EVERY) => {}
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
 impl Server {
     /// Opens storage, restores calls, and builds the hub.
     pub async fn start(config: Config, opts: Options) -> Result<Server, ServerError> {
@@ -127,6 +184,7 @@ impl Server {
         let media = Arc::new(media::MediaPlane::new(sfu, Arc::clone(&hub)));
         hub.set_room_control(Some(Arc::clone(&media) as Arc<dyn hub::RoomControl>));
         webhooks::spawn(Arc::clone(&hub), shutdown.clone());
+        spawn_history_pruning(Arc::clone(&hub), shutdown.clone());
         let state = AppState {
             hub,
             biller,
