@@ -96,6 +96,7 @@ CREATE TABLE IF NOT EXISTS calls (
     end_reason    TEXT
 );
 CREATE INDEX IF NOT EXISTS calls_started ON calls(seq) WHERE state = 'started';
+CREATE INDEX IF NOT EXISTS calls_ended ON calls(end_time) WHERE state = 'ended';
 CREATE TABLE IF NOT EXISTS call_users (
     call_seq             INTEGER NOT NULL REFERENCES calls(seq),
     idx                  INTEGER NOT NULL,
@@ -135,6 +136,10 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
     UNIQUE (event_id, url)
 );
 "#;
+
+/// The oldest ended calls, through the `calls_ended` index (no scan of the history).
+const OLD_ENDED_CALLS: &str =
+    "SELECT seq FROM calls WHERE state = 'ended' AND end_time < ?1 ORDER BY end_time LIMIT ?2";
 
 /// The database.
 pub struct Store {
@@ -287,9 +292,7 @@ impl Store {
     pub fn prune_history(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let seqs: Vec<i64> = {
-            let mut old = tx.prepare_cached(
-                "SELECT seq FROM calls WHERE state = 'ended' AND end_time < ?1 ORDER BY seq LIMIT ?2",
-            )?;
+            let mut old = tx.prepare_cached(OLD_ENDED_CALLS)?;
             old.query_map(params![before_ms as i64, limit as i64], |r| r.get(0))?
                 .collect::<Result<_, _>>()?
         };
@@ -1227,5 +1230,19 @@ mod tests {
         assert_eq!(bob, vec!["c_new".to_owned()]);
         // The billing ledger is not history: it stays.
         assert_eq!(s.usage(0, u64::MAX, None, None).expect("reads").len(), 1);
+        // Finding old calls reads the index, not the whole history.
+        let plan: Vec<String> = s
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {OLD_ENDED_CALLS}"))
+            .expect("explains")
+            .query_map(params![500, 10], |r| r.get(3))
+            .expect("plan")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert!(
+            plan.iter().any(|d| d.contains("calls_ended"))
+                && !plan.iter().any(|d| d.starts_with("SCAN")),
+            "{plan:?}"
+        );
     }
 }
