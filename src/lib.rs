@@ -23,6 +23,7 @@ pub mod config;
 pub mod ids;
 pub mod loadtest;
 pub mod metrics;
+mod mmsg;
 pub mod server;
 pub mod sfu;
 pub mod signaling;

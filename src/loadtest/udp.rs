@@ -5,7 +5,9 @@
 //! reading: a packet is timed when the kernel queued it on the receiving socket.
 
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
+
+use crate::mmsg::sockaddr_to_std;
 use std::os::fd::{AsRawFd, RawFd};
 
 /// Largest datagram read.
@@ -48,32 +50,6 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
         return Err(io::Error::last_os_error());
     }
     Ok(s.into())
-}
-
-fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match i32::from(ss.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: family AF_INET means the storage holds a sockaddr_in.
-            let sin =
-                unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                u32::from_be(sin.sin_addr.s_addr).into(),
-                u16::from_be(sin.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: family AF_INET6 means the storage holds a sockaddr_in6.
-            let sin6 =
-                unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in6) };
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                sin6.sin6_addr.s6_addr.into(),
-                u16::from_be(sin6.sin6_port),
-                sin6.sin6_flowinfo,
-                sin6.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
 }
 
 /// Reusable buffers for one `recvmmsg` call.
@@ -208,55 +184,10 @@ impl RecvBatch {
     }
 }
 
-/// Sends datagrams with `sendmmsg`, [`BATCH`] per call. Returns how many went out; a datagram
-/// the kernel refuses (e.g. a full buffer) is skipped and counted as not sent.
+/// Sends datagrams with `sendmmsg`. Returns how many went out; a datagram the kernel refuses
+/// (e.g. a full buffer) is skipped and counted as not sent.
 pub fn send_batch(fd: RawFd, out: &[(SocketAddr, &[u8])]) -> usize {
-    let mut sent = 0;
-    for chunk in out.chunks(BATCH) {
-        let mut addrs: Vec<socket2::SockAddr> = chunk.iter().map(|(a, _)| (*a).into()).collect();
-        let mut iovs: Vec<libc::iovec> = chunk
-            .iter()
-            .map(|(_, d)| libc::iovec {
-                iov_base: d.as_ptr() as *mut libc::c_void,
-                iov_len: d.len(),
-            })
-            .collect();
-        // SAFETY: mmsghdr is plain data; pointer fields are set below.
-        let mut msgs: Vec<libc::mmsghdr> = (0..chunk.len())
-            .map(|_| unsafe { std::mem::zeroed() })
-            .collect();
-        for (i, m) in msgs.iter_mut().enumerate() {
-            let (Some(a), Some(iov)) = (addrs.get_mut(i), iovs.get_mut(i)) else {
-                continue;
-            };
-            m.msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
-            m.msg_hdr.msg_namelen = a.len();
-            m.msg_hdr.msg_iov = iov as *mut libc::iovec;
-            m.msg_hdr.msg_iovlen = 1;
-        }
-        let mut start = 0usize;
-        while start < msgs.len() {
-            // SAFETY: msgs[start..] are initialized headers whose buffers outlive the call.
-            let n = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    msgs.as_mut_ptr().add(start),
-                    (msgs.len() - start) as libc::c_uint,
-                    0,
-                )
-            };
-            if n <= 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                start += 1;
-                continue;
-            }
-            sent += n as usize;
-            start += n as usize;
-        }
-    }
-    sent
+    crate::mmsg::send_batch(fd, out).0 as usize
 }
 
 /// A level-triggered epoll set whose entries carry a `u64` token.

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{Counters, WorkerMsg};
 use crate::config::MediaConfig;
+use crate::mmsg::sockaddr_to_std;
 
 /// Datagrams read per `recvmmsg`.
 const RECV_BATCH: usize = 64;
@@ -157,111 +158,6 @@ pub(crate) fn worker_of_ufrag(ufrag: &str) -> Option<usize> {
 /// Whether a datagram is STUN (RFC 7983: first byte 0..=3).
 pub(crate) fn is_stun(d: &[u8]) -> bool {
     d.first().is_some_and(|b| *b < 4)
-}
-
-fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match i32::from(ss.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: family AF_INET means the storage holds a sockaddr_in.
-            let sin =
-                unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                u32::from_be(sin.sin_addr.s_addr).into(),
-                u16::from_be(sin.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: family AF_INET6 means the storage holds a sockaddr_in6.
-            let sin6 =
-                unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in6) };
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                sin6.sin6_addr.s6_addr.into(),
-                u16::from_be(sin6.sin6_port),
-                sin6.sin6_flowinfo,
-                sin6.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
-}
-
-fn std_to_sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    let sa: socket2::SockAddr = (*a).into();
-    // SAFETY: sockaddr_storage is plain data; zeroed is a valid value, and we copy at most
-    // its size from SockAddr's storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = sa.len() as usize;
-    let n = len.min(std::mem::size_of::<libc::sockaddr_storage>());
-    // SAFETY: both pointers are valid for `n` bytes and do not overlap.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            sa.as_ptr() as *const u8,
-            &mut ss as *mut libc::sockaddr_storage as *mut u8,
-            n,
-        );
-    }
-    (ss, n as libc::socklen_t)
-}
-
-/// Sends every datagram in `out` with as few `sendmmsg` calls as possible. Returns how many
-/// datagrams and bytes went out. Errors on single datagrams (e.g. an unreachable peer) are
-/// skipped, not retried.
-pub(crate) fn send_batch(socket: &UdpSocket, out: &[(SocketAddr, Vec<u8>)]) -> (u64, u64) {
-    const CHUNK: usize = 64;
-    let fd = socket.as_raw_fd();
-    let mut sent = 0u64;
-    let mut bytes = 0u64;
-    for chunk in out.chunks(CHUNK) {
-        let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
-            chunk.iter().map(|(a, _)| std_to_sockaddr(a)).collect();
-        let mut iovs: Vec<libc::iovec> = chunk
-            .iter()
-            .map(|(_, d)| libc::iovec {
-                iov_base: d.as_ptr() as *mut libc::c_void,
-                iov_len: d.len(),
-            })
-            .collect();
-        // SAFETY: mmsghdr is plain data; all pointer fields are set below.
-        let mut msgs: Vec<libc::mmsghdr> = (0..chunk.len())
-            .map(|_| unsafe { std::mem::zeroed() })
-            .collect();
-        for (i, m) in msgs.iter_mut().enumerate() {
-            let (ss, len) = &mut addrs[i];
-            m.msg_hdr.msg_name = ss as *mut libc::sockaddr_storage as *mut libc::c_void;
-            m.msg_hdr.msg_namelen = *len;
-            m.msg_hdr.msg_iov = &mut iovs[i] as *mut libc::iovec;
-            m.msg_hdr.msg_iovlen = 1;
-        }
-        let mut start = 0usize;
-        while start < msgs.len() {
-            // SAFETY: msgs[start..] are initialized headers whose buffers outlive the call.
-            let n = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    msgs.as_mut_ptr().add(start),
-                    (msgs.len() - start) as libc::c_uint,
-                    0,
-                )
-            };
-            if n <= 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                // Skip the datagram that failed and go on with the rest.
-                tracing::trace!(error = %err, "sendmmsg failed");
-                start += 1;
-                continue;
-            }
-            let n = n as usize;
-            for (_, d) in chunk.iter().skip(start).take(n) {
-                bytes += d.len() as u64;
-            }
-            sent += n as u64;
-            start += n;
-        }
-    }
-    (sent, bytes)
 }
 
 /// The thread that reads the socket and routes datagrams to workers.
@@ -444,21 +340,5 @@ mod tests {
         not_binding[1] = 0x11;
         assert_eq!(stun_local_ufrag(&not_binding), None);
         assert!(!is_stun(&[0x80, 0x60]));
-    }
-
-    #[test]
-    fn sendmmsg_delivers_a_batch_on_loopback() {
-        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-        b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let to = b.local_addr().unwrap();
-        let out: Vec<(SocketAddr, Vec<u8>)> = (0..100u8).map(|i| (to, vec![i; 10])).collect();
-        let (n, bytes) = send_batch(&a, &out);
-        assert_eq!((n, bytes), (100, 1000));
-        let mut buf = [0u8; 64];
-        for i in 0..100u8 {
-            let (len, from) = b.recv_from(&mut buf).unwrap();
-            assert_eq!((len, buf[0], from), (10, i, a.local_addr().unwrap()));
-        }
     }
 }

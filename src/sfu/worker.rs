@@ -497,7 +497,8 @@ impl Worker {
         let forwarded_at = if self.out.is_empty() {
             None
         } else {
-            let (n, bytes) = net::send_batch(&self.socket, &self.out);
+            let (n, bytes) =
+                crate::mmsg::send_batch(std::os::fd::AsRawFd::as_raw_fd(&*self.socket), &self.out);
             self.out.clear();
             count(m::PACKETS_OUT, n);
             count(m::BYTES_OUT, bytes);
