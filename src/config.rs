@@ -49,6 +49,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Call invitation rules and session limits.
     pub signaling: SignalingConfig,
+    /// Caps on sessions and what a session may make the server hold.
+    pub sessions: SessionsConfig,
     /// The embedded database.
     pub storage: StorageConfig,
     /// The SFU's UDP port and workers.
@@ -140,6 +142,42 @@ impl Default for SignalingConfig {
             rate: 50,
             burst: 100,
             max_frame: 65536,
+        }
+    }
+}
+
+/// `[sessions]`: what clients may make the server hold. Upgrades over a cap are answered 429
+/// `rate_limited` before the WebSocket opens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Most live sessions in total.
+    pub max_total: usize,
+    /// Most live sessions of one user (devices and tabs).
+    pub max_per_user: usize,
+    /// Most live sessions from one IP address.
+    pub max_per_ip: usize,
+    /// WebSocket upgrades one IP address may start per second (token bucket rate)...
+    pub upgrade_rate: u32,
+    /// ...and at once (bucket size).
+    pub upgrade_burst: u32,
+    /// Frames (events and replies) queued for one session; a session whose client reads so slowly
+    /// that the queue fills is closed with 4008.
+    pub outbound_queue: usize,
+    /// Seconds one write to a session's socket may take; a client that stops reading is dropped.
+    pub write_timeout: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            max_total: 100_000,
+            max_per_user: 10,
+            max_per_ip: 200,
+            upgrade_rate: 20,
+            upgrade_burst: 40,
+            outbound_queue: 1024,
+            write_timeout: 10,
         }
     }
 }
@@ -352,6 +390,29 @@ impl Config {
         range("signaling.rate", s.rate as u64, 1, 1_000_000)?;
         range("signaling.burst", s.burst as u64, 1, 1_000_000)?;
         range("signaling.max_frame", s.max_frame as u64, 1024, 16 << 20)?;
+        let ss = &self.sessions;
+        range("sessions.max_total", ss.max_total as u64, 1, 10_000_000)?;
+        range("sessions.max_per_user", ss.max_per_user as u64, 1, 10_000)?;
+        range("sessions.max_per_ip", ss.max_per_ip as u64, 1, 10_000_000)?;
+        range(
+            "sessions.upgrade_rate",
+            u64::from(ss.upgrade_rate),
+            1,
+            1_000_000,
+        )?;
+        range(
+            "sessions.upgrade_burst",
+            u64::from(ss.upgrade_burst),
+            1,
+            1_000_000,
+        )?;
+        range(
+            "sessions.outbound_queue",
+            ss.outbound_queue as u64,
+            16,
+            1_000_000,
+        )?;
+        range("sessions.write_timeout", ss.write_timeout, 1, 600)?;
         range("server.drain_timeout", self.server.drain_timeout, 0, 86_400)?;
         range("billing.checkpoint", self.billing.checkpoint, 1, 3600)?;
         range("storage.write_timeout", self.storage.write_timeout, 1, 60)?;
@@ -440,6 +501,7 @@ const SECTIONS: &[&str] = &[
     "server",
     "auth",
     "signaling",
+    "sessions",
     "storage",
     "media",
     "billing",

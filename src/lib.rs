@@ -20,6 +20,7 @@ pub mod billing;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod fault;
 pub mod ids;
 pub mod loadtest;
 pub mod metrics;

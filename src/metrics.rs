@@ -38,7 +38,8 @@ metrics! {
     Counter INVITEE_OUTCOMES = "switchboard_invitee_outcomes_total", "Invitees reaching a final state, label `state` (accepted, rejected, busy, cancelled, timeout).";
     Histogram OP_LATENCY = "switchboard_op_duration_seconds", "Seconds from receiving an op to queueing its reply, label `op`.";
     Counter ERRORS = "switchboard_errors_total", "Error replies, label `code`.";
-    Counter SESSIONS_CLOSED = "switchboard_sessions_closed_total", "Sessions closed by the server, label `reason` (heartbeat, oversize, binary, invalid_utf8, protocol_error, shutdown, write_failed).";
+    Counter SESSIONS_CLOSED = "switchboard_sessions_closed_total", "Sessions closed by the server, label `reason` (heartbeat, oversize, binary, invalid_utf8, protocol_error, shutdown, write_failed, write_timeout, slow_reader, flood).";
+    Counter SESSIONS_REFUSED = "switchboard_sessions_refused_total", "WebSocket upgrades refused (429) by a `[sessions]` cap, label `cap` (total, user, ip, rate).";
     // Storage.
     Histogram STORAGE_COMMIT = "switchboard_storage_commit_seconds", "Seconds per storage batch commit.";
     Histogram STORAGE_BATCH = "switchboard_storage_batch_jobs", "Jobs (ops, reads, ledger writes) per storage batch; one transaction per batch.";

@@ -173,6 +173,7 @@ impl FromRequestParts<AppState> for Admin {
 /// `GET /v1/signal`: the WebSocket upgrade. The token is checked before upgrading.
 pub async fn signal(
     State(app): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Authenticated(identity): Authenticated,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -186,11 +187,29 @@ pub async fn signal(
         )
         .into_response();
     }
+    // The caps are checked before the upgrade: a refused client costs one response.
+    let ticket = match app.admission.admit(
+        &identity.user_id,
+        peer.ip().to_canonical(),
+        std::time::Instant::now(),
+    ) {
+        Ok(t) => t,
+        Err(refusal) => {
+            metrics::counter!(crate::metrics::SESSIONS_REFUSED, "cap" => refusal.label())
+                .increment(1);
+            return HttpError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                refusal.to_string(),
+            )
+            .into_response();
+        }
+    };
     ws.max_message_size(cfg.max_frame)
         .max_frame_size(cfg.max_frame)
         .read_buffer_size(2048)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| super::session::run(app, socket, identity, shutdown))
+        .on_upgrade(move |socket| super::session::run(app, socket, identity, shutdown, ticket))
 }
 
 /// `GET /healthz`.

@@ -60,7 +60,19 @@ pub enum Outbound {
 
 struct SessionEntry {
     user: UserId,
-    tx: mpsc::UnboundedSender<Outbound>,
+    /// The session's outbound queue, bounded by `[sessions] outbound_queue`.
+    tx: mpsc::Sender<Outbound>,
+    /// Told when the queue overflows: the session closes (its client reads too slowly).
+    overflow: Arc<Notify>,
+}
+
+impl SessionEntry {
+    /// Queues a frame; a full queue closes the session instead of growing.
+    fn send(&self, out: Outbound) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(out) {
+            self.overflow.notify_one();
+        }
+    }
 }
 
 /// Hooks the hub calls when the core asks for media-room changes. The media plane implements it; with
@@ -180,7 +192,9 @@ impl Hub {
     /// Locks the core. A panic while it was held would be a bug in the core; the lock is recovered
     /// rather than taking every session down with it.
     pub fn core(&self) -> MutexGuard<'_, Signaling> {
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
+        self.core
+            .lock()
+            .unwrap_or_else(|_| crate::fault::core_poisoned())
     }
 
     /// Number of live sessions.
@@ -191,7 +205,7 @@ impl Hub {
     /// Sends to one session, if it is live.
     pub fn send_to(&self, session: SessionId, out: Outbound) {
         if let Some(s) = self.sessions.get(&session) {
-            let _ = s.tx.send(out);
+            s.send(out);
         }
     }
 
@@ -207,11 +221,12 @@ impl Hub {
     pub fn connect(
         self: &Arc<Self>,
         identity: &Identity,
-        tx: mpsc::UnboundedSender<Outbound>,
+        tx: mpsc::Sender<Outbound>,
+        overflow: Arc<Notify>,
     ) -> SessionId {
         let sid = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
         let now = now_ms();
-        let _ = tx.send(Outbound::Event(Arc::new(Event::Session {
+        let _ = tx.try_send(Outbound::Event(Arc::new(Event::Session {
             session_id: sid.to_string(),
             user_id: identity.user_id.clone(),
             server_time: now,
@@ -222,6 +237,7 @@ impl Hub {
             SessionEntry {
                 user: identity.user_id.clone(),
                 tx,
+                overflow,
             },
         );
         metrics::gauge!(m::SESSIONS_CONNECTED).increment(1.0);
@@ -606,7 +622,7 @@ impl Hub {
     /// Closes every session with `code` (shutdown).
     pub fn close_all(&self, code: u16, reason: &'static str) {
         for s in self.sessions.iter() {
-            let _ = s.tx.send(Outbound::Close(code, reason));
+            s.send(Outbound::Close(code, reason));
         }
     }
 

@@ -7,6 +7,7 @@
 //! 1001, the timer stops, queued storage work is committed and the WAL checkpointed before `serve`
 //! returns.
 
+pub mod admission;
 pub mod billing;
 pub mod http;
 pub mod hub;
@@ -75,6 +76,8 @@ pub struct AppState {
     pub media: Arc<media::MediaPlane>,
     /// Asks the server to drain and stop (POST /v1/admin/drain).
     pub drain_requested: Arc<tokio::sync::Notify>,
+    /// Session caps (`[sessions]`).
+    pub admission: Arc<admission::Admission>,
 }
 
 impl AppState {
@@ -159,6 +162,7 @@ fn spawn_history_pruning(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
 impl Server {
     /// Opens storage, restores calls, and builds the hub.
     pub async fn start(config: Config, opts: Options) -> Result<Server, ServerError> {
+        crate::fault::install_panic_policy();
         let config = Arc::new(config);
         let metrics = crate::metrics::install();
         let mut store = Store::open(&config.storage.path)?;
@@ -195,6 +199,7 @@ impl Server {
             shutdown,
             media,
             drain_requested: Arc::new(tokio::sync::Notify::new()),
+            admission: admission::Admission::new(config.sessions.clone()),
         };
         Ok(Server {
             state,

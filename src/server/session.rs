@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant as TokioInstant, sleep_until};
 
 use super::AppState;
@@ -33,6 +33,11 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// No frame for twice the heartbeat interval.
     pub const HEARTBEAT: u16 = 4000;
+    /// The client reads so slowly that its queue of events and replies (`[sessions] outbound_queue`)
+    /// filled up.
+    pub const SLOW_READER: u16 = 4008;
+    /// More requests refused for the rate within ten seconds than `burst + 10 × rate`.
+    pub const FLOOD: u16 = 4029;
 }
 
 /// A token bucket: `rate` per second, at most `burst` at once.
@@ -69,19 +74,76 @@ impl RateLimiter {
     }
 }
 
-/// Runs a session until the socket closes, the server shuts down or a rule closes it.
+/// A session that has more requests refused for the rate within this window than the bucket allows
+/// in it ([`flood_limit`]) is closed with [`close::FLOOD`]: a client that ignores `rate_limited`
+/// costs no more than that.
+pub const FLOOD_WINDOW: Duration = Duration::from_secs(10);
+
+/// Refusals in a [`FLOOD_WINDOW`] past which a session is closed: `burst + 10 × rate`, so only a
+/// client sending more than twice what it may, for ten seconds, is closed.
+pub fn flood_limit(rate: u32, burst: u32) -> u32 {
+    burst.saturating_add(rate.saturating_mul(FLOOD_WINDOW.as_secs() as u32))
+}
+
+/// Counts requests refused for the rate in a window that starts at the first refusal.
+#[derive(Debug, Default)]
+struct Strikes {
+    since: Option<Instant>,
+    count: u32,
+}
+
+impl Strikes {
+    /// Records one refusal at `now`; true when the session went over `limit` in the window.
+    fn strike(&mut self, now: Instant, limit: u32) -> bool {
+        match self.since {
+            Some(t) if now.saturating_duration_since(t) < FLOOD_WINDOW => self.count += 1,
+            _ => {
+                self.since = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count > limit
+    }
+}
+
+/// Disconnects the session from the hub when the session task ends, however it ends (a panic
+/// in the task included): a user is never left online by a session that is gone.
+struct Registered {
+    hub: Arc<super::hub::Hub>,
+    sid: SessionId,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.hub.disconnect(self.sid);
+    }
+}
+
+/// Runs a session until the socket closes, the server shuts down or a rule closes it. `ticket`
+/// holds the session's place under the `[sessions]` caps until the task ends.
 pub async fn run(
     app: AppState,
     mut socket: WebSocket,
     identity: Identity,
     mut shutdown: watch::Receiver<bool>,
+    ticket: super::admission::Ticket,
 ) {
+    let _ticket = ticket;
     let hub = Arc::clone(&app.hub);
     let cfg = &hub.config().signaling;
+    let limits = &hub.config().sessions;
     let silence = Duration::from_secs(cfg.heartbeat * 2);
+    let write_timeout = Duration::from_secs(limits.write_timeout);
     let mut limiter = RateLimiter::new(cfg.rate, cfg.burst, Instant::now());
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let sid = hub.connect(&identity, tx);
+    let mut strikes = Strikes::default();
+    let flood_limit = flood_limit(cfg.rate, cfg.burst);
+    let (tx, mut rx) = mpsc::channel(limits.outbound_queue);
+    let overflow = Arc::new(Notify::new());
+    let sid = hub.connect(&identity, tx, Arc::clone(&overflow));
+    let _registered = Registered {
+        hub: Arc::clone(&hub),
+        sid,
+    };
     let mut seq: u64 = 0;
     let mut deadline = TokioInstant::now() + silence;
     let keepalive = sleep_until(deadline);
@@ -90,20 +152,28 @@ pub async fn run(
     let reason: &'static str = loop {
         tokio::select! {
             biased;
+            _ = overflow.notified() => {
+                close_with(&mut socket, close::SLOW_READER, "too slow reading events").await;
+                break "slow_reader";
+            }
             out = rx.recv() => {
                 let Some(out) = out else { break "closed" };
                 // Queue this and whatever else is waiting, then flush once: one write for a burst.
-                let mut next = Some(out);
-                let mut ok = true;
-                while let Some(item) = next.take() {
-                    if !feed(&mut socket, item, &mut seq).await {
-                        ok = false;
-                        break;
+                let write = async {
+                    let mut next = Some(out);
+                    while let Some(item) = next.take() {
+                        if !feed(&mut socket, item, &mut seq).await {
+                            return false;
+                        }
+                        next = rx.try_recv().ok();
                     }
-                    next = rx.try_recv().ok();
-                }
-                if !ok || socket.flush().await.is_err() {
-                    break "write_failed";
+                    socket.flush().await.is_ok()
+                };
+                match tokio::time::timeout(write_timeout, write).await {
+                    Ok(true) => {}
+                    Ok(false) => break "write_failed",
+                    // The client stopped reading: nothing more can be written, not even a close.
+                    Err(_) => break "write_timeout",
                 }
             }
             msg = socket.recv() => {
@@ -125,7 +195,22 @@ pub async fn run(
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Text(text))) => {
-                        on_text(&app, sid, &text, &mut limiter).await;
+                        let started = Instant::now();
+                        if identity.user_id.as_str() == crate::fault::FAULT_USER
+                            && let Ok(peek) = serde_json::from_str::<serde_json::Value>(&text)
+                            && let Some(op) = peek.get("op").and_then(|o| o.as_str())
+                        {
+                            crate::fault::session_request(&identity.user_id, op);
+                        }
+                        // Every text frame counts against the rate, well-formed or not.
+                        if limiter.allow(started) {
+                            on_text(&app, sid, &text, started).await;
+                        } else if strikes.strike(started, flood_limit) {
+                            close_with(&mut socket, close::FLOOD, "request rate exceeded").await;
+                            break "flood";
+                        } else {
+                            refuse_for_rate(&app, sid, &text, started);
+                        }
                     }
                 }
             }
@@ -142,11 +227,32 @@ pub async fn run(
     if reason != "client_closed" && reason != "closed" {
         metrics::counter!(m::SESSIONS_CLOSED, "reason" => reason).increment(1);
     }
-    hub.disconnect(sid);
 }
 
-async fn on_text(app: &AppState, sid: SessionId, text: &str, limiter: &mut RateLimiter) {
-    let started = Instant::now();
+/// Answers a frame over the rate `rate_limited`, in its place in the reply order. Only the `id` is
+/// read (the frame is not run).
+fn refuse_for_rate(app: &AppState, sid: SessionId, text: &str, started: Instant) {
+    let id = reply_id(text);
+    let e = ApiError::new(ErrorCode::RateLimited, "too many requests");
+    let h = Arc::clone(&app.hub);
+    let _ = app
+        .hub
+        .store()
+        .submit(crate::storage::Job::Run(Box::new(move |_| {
+            h.send_reply(sid, id, "rate_limited", started, &Err(e));
+        })));
+}
+
+/// The request `id` of a frame, if it has a readable one.
+fn reply_id(text: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: Option<u64>,
+    }
+    serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id)
+}
+
+async fn on_text(app: &AppState, sid: SessionId, text: &str, started: Instant) {
     let hub = &app.hub;
     let req = match parse_request(text) {
         Ok(r) => r,
@@ -161,11 +267,6 @@ async fn on_text(app: &AppState, sid: SessionId, text: &str, limiter: &mut RateL
             return;
         }
     };
-    if !limiter.allow(started) {
-        let e = ApiError::new(ErrorCode::RateLimited, "too many requests");
-        hub.reply_in_order(sid, req.id, req.op.name(), started, Err(e));
-        return;
-    }
     if let Some(media_req) = hub.handle(sid, req, started) {
         let id = media_req.id;
         let name = media_req.op.name();
@@ -190,13 +291,13 @@ fn classify_error(e: axum::Error) -> (u16, &'static str, &'static str) {
     }
 }
 
+/// Sends a close frame, giving up after a second (a client that does not read cannot hold the task).
 async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
+    let send = socket.send(Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    })));
+    let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
 }
 
 /// Queues one outbound item on the socket (flushed by the caller); false when the socket is done.
@@ -244,6 +345,42 @@ mod tests {
         // Never more than the burst.
         let t2 = t1 + Duration::from_secs(60);
         assert_eq!((0..500).filter(|_| l.allow(t2)).count(), 100);
+    }
+
+    #[test]
+    fn more_than_the_limit_of_refusals_in_the_window_is_a_flood() {
+        let t0 = Instant::now();
+        let mut s = Strikes::default();
+        assert!(
+            !(0..5).any(|_| s.strike(t0, 5)),
+            "five refusals are allowed"
+        );
+        assert!(
+            s.strike(t0 + Duration::from_secs(9), 5),
+            "the sixth within the window"
+        );
+        // A new window starts with the first refusal after the old one ended.
+        let mut s = Strikes::default();
+        for _ in 0..5 {
+            s.strike(t0, 5);
+        }
+        assert!(!s.strike(t0 + FLOOD_WINDOW, 5));
+        assert!(!(0..4).any(|_| s.strike(t0 + FLOOD_WINDOW, 5)));
+        assert!(s.strike(t0 + FLOOD_WINDOW, 5));
+    }
+
+    #[test]
+    fn the_flood_limit_is_what_the_bucket_allows_in_the_window() {
+        assert_eq!(flood_limit(50, 100), 600);
+        assert_eq!(flood_limit(u32::MAX, 1), u32::MAX);
+    }
+
+    #[test]
+    fn the_id_of_a_refused_frame_is_read_when_readable() {
+        assert_eq!(reply_id(r#"{"id":7,"op":"x"}"#), Some(7));
+        assert_eq!(reply_id(r#"{"op":"x"}"#), None);
+        assert_eq!(reply_id("not json"), None);
+        assert_eq!(reply_id(r#"{"id":"7"}"#), None);
     }
 
     #[test]

@@ -660,6 +660,7 @@ impl Worker {
                 session,
                 reply,
             } => {
+                crate::fault::worker_join(&user);
                 let r = self.join(room, user, session);
                 self.process_events();
                 let _ = reply.send(r);
