@@ -152,6 +152,9 @@ pub struct StorageConfig {
     pub path: PathBuf,
     /// Days an ended call stays in the history; 0 keeps it forever. The billing ledger is kept.
     pub history_days: u32,
+    /// Seconds a failing write is retried (while the clients whose ops it carries wait) before
+    /// their ops are answered `unavailable` and the changes undone.
+    pub write_timeout: u64,
 }
 
 impl Default for StorageConfig {
@@ -159,6 +162,7 @@ impl Default for StorageConfig {
         Self {
             path: PathBuf::from("data/switchboard.db"),
             history_days: 0,
+            write_timeout: 3,
         }
     }
 }
@@ -350,6 +354,7 @@ impl Config {
         range("signaling.max_frame", s.max_frame as u64, 1024, 16 << 20)?;
         range("server.drain_timeout", self.server.drain_timeout, 0, 86_400)?;
         range("billing.checkpoint", self.billing.checkpoint, 1, 3600)?;
+        range("storage.write_timeout", self.storage.write_timeout, 1, 60)?;
         if self.media.udp_port == 0 {
             // Port 0 is allowed: tests bind an ephemeral port and read it back.
         }

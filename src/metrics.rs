@@ -42,7 +42,10 @@ metrics! {
     // Storage.
     Histogram STORAGE_COMMIT = "switchboard_storage_commit_seconds", "Seconds per storage batch commit.";
     Histogram STORAGE_BATCH = "switchboard_storage_batch_jobs", "Jobs (ops, reads, ledger writes) per storage batch; one transaction per batch.";
-    Counter STORAGE_ERRORS = "switchboard_storage_errors_total", "Storage failures, label `op`.";
+    Counter STORAGE_ERRORS = "switchboard_storage_errors_total", "Storage failures, label `op` (commit: a failed write attempt; probe: a write tried while storage is down; checkpoint, prune_history, ...).";
+    Gauge STORAGE_UP = "switchboard_storage_up", "1 while database writes work; 0 from a write given up (after [storage] write_timeout) until a probe write works again.";
+    Counter STORAGE_ROLLBACKS = "switchboard_storage_rollbacks_total", "Calls whose changes could not be stored and were undone (their ops answered `unavailable`).";
+    Counter STORAGE_DROPPED = "switchboard_storage_dropped_total", "Ledger segments or webhook events dropped after storage failed for so long that the memory kept for them was full, label `what` (usage, webhook_event).";
     // Media.
     Gauge ROOMS = "switchboard_rooms", "Rooms open.";
     Gauge PARTICIPANTS = "switchboard_participants", "Participants joined in rooms.";

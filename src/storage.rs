@@ -12,8 +12,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::mpsc;
-use std::time::Instant;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -22,6 +20,9 @@ use crate::ids::{CallId, UserId};
 use crate::signaling::wire::{CallState, EndReason, Mode, UserState};
 use crate::signaling::{CallRecord, CallUserRecord};
 use crate::webhooks::OutboxEvent;
+
+mod writer;
+pub use writer::{Continuation, Job, PROBE_EVERY, Restorer, StoreThread, Unavailable};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,10 @@ CREATE TABLE IF NOT EXISTS usage (
     PRIMARY KEY (call_id, user_id, start_ms)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage(start_ms);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS webhook_outbox (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id     TEXT NOT NULL,
@@ -190,7 +195,7 @@ impl Store {
         &mut self,
         calls: impl IntoIterator<Item = &'a CallRecord>,
     ) -> Result<(), StoreError> {
-        self.write_batch(calls, &[], 0)
+        self.write_batch(calls, &[], &[], 0)
     }
 
     /// Sets the webhook receivers (from `[webhooks] urls`).
@@ -198,18 +203,21 @@ impl Store {
         self.webhook_urls = urls;
     }
 
-    /// Writes calls (as [`write_calls`](Self::write_calls)) and queues webhook events, in one
-    /// transaction: an event is queued if and only if the change it reports is written.
+    /// Writes calls (as [`write_calls`](Self::write_calls)), ledger segments (as
+    /// [`write_usage`](Self::write_usage)) and queues webhook events, in one transaction: an event
+    /// is queued if and only if the change it reports is written.
     pub fn write_batch<'a>(
         &mut self,
         calls: impl IntoIterator<Item = &'a CallRecord>,
         events: &[OutboxEvent],
+        usage: &[UsageRecord],
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         if !events.is_empty() && !self.webhook_urls.is_empty() {
             enqueue(&tx, events, &self.webhook_urls, now_ms)?;
         }
+        insert_usage(&tx, usage)?;
         let mut written: Vec<(CallId, i64, &'a CallRecord)> = Vec::new();
         {
             let mut upsert_call = tx.prepare_cached(
@@ -308,9 +316,41 @@ impl Store {
         Ok(seqs.len())
     }
 
-    /// Every started call, for the core to restore after a restart.
-    pub fn started_calls(&self) -> Result<Vec<CallRecord>, StoreError> {
-        self.calls_where("state = 'started'", [], usize::MAX)
+    /// Every started call, for the core to restore after a restart. They are remembered as
+    /// committed (see [`committed`](Self::committed)).
+    pub fn started_calls(&mut self) -> Result<Vec<CallRecord>, StoreError> {
+        let calls = self.calls_where("state = 'started'", [], usize::MAX)?;
+        for c in &calls {
+            if let Some(seq) = self.seq_of(&c.call_id)? {
+                self.written.insert(c.call_id.clone(), (seq, c.clone()));
+            }
+        }
+        Ok(calls)
+    }
+
+    fn seq_of(&self, id: &CallId) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT seq FROM calls WHERE call_id = ?1")?
+            .query_row([id.as_str()], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// The last committed record of a started call (`None` for a call never committed, or whose
+    /// end is committed), known without reading the database: it answers while the disk fails.
+    pub fn committed(&self, id: &CallId) -> Option<&CallRecord> {
+        self.written.get(id).map(|(_, c)| c)
+    }
+
+    /// A small write that tells whether writes work (while storage is failing).
+    pub fn probe(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('probe', ?1) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute([now_ms.to_string()])?;
+        Ok(())
     }
 
     /// One call by ID.
@@ -532,22 +572,7 @@ impl Store {
         if !events.is_empty() && !self.webhook_urls.is_empty() {
             enqueue(&tx, events, &self.webhook_urls, now_ms)?;
         }
-        let mut n = 0;
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO usage (call_id, user_id, start_ms, end_ms, tier) \
-                 VALUES (?1,?2,?3,?4,?5)",
-            )?;
-            for r in rows {
-                n += stmt.execute(params![
-                    r.call_id.as_str(),
-                    r.user_id.as_str(),
-                    r.start_ms as i64,
-                    r.end_ms as i64,
-                    r.tier
-                ])?;
-            }
-        }
+        let n = insert_usage(&tx, rows)?;
         tx.commit()?;
         Ok(n)
     }
@@ -730,200 +755,39 @@ fn enqueue(
     Ok(())
 }
 
+/// Writes ledger segments; one already written (same call, user and start) is skipped, so a
+/// segment retried after a failure is never billed twice. Returns how many were new.
+fn insert_usage(tx: &rusqlite::Transaction<'_>, rows: &[UsageRecord]) -> Result<usize, StoreError> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut stmt = tx.prepare_cached(
+        "INSERT OR IGNORE INTO usage (call_id, user_id, start_ms, end_ms, tier) \
+         VALUES (?1,?2,?3,?4,?5)",
+    )?;
+    let mut n = 0;
+    for r in rows {
+        n += stmt.execute(params![
+            r.call_id.as_str(),
+            r.user_id.as_str(),
+            r.start_ms as i64,
+            r.end_ms as i64,
+            r.tier
+        ])?;
+    }
+    Ok(n)
+}
+
 fn parse_id<T: std::str::FromStr>(s: &str) -> Result<T, StoreError> {
     s.parse()
         .map_err(|_| StoreError::Corrupt(format!("id {s:?}")))
 }
 
-/// Work for the storage thread.
-pub enum Job {
-    /// Write these calls and queue these webhook events (one transaction for the batch), then run the
-    /// continuation (after the commit).
-    Calls(Vec<CallRecord>, Vec<OutboxEvent>, Option<Continuation>),
-    /// Run a closure with the store (reads, ledger and outbox writes), in order with the writes.
-    Run(Box<dyn FnOnce(&mut Store) + Send>),
-    /// Finish what is queued before this, checkpoint, and stop the thread.
-    Stop,
-}
-
-/// How long the storage thread waits for more jobs before committing a batch.
-const LINGER: std::time::Duration = std::time::Duration::from_micros(300);
-/// The most jobs in one batch.
-const MAX_BATCH: usize = 4096;
-/// How often the checkpointer copies the WAL into the database file.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// WAL frames (pages) past which the checkpointer makes the writer start the WAL over.
-const WAL_RESTART_FRAMES: i64 = 4096;
-
-/// One checkpoint: a PASSIVE pass copies what the WAL holds into the database without blocking
-/// the writer. Under a steady write load that never catches up with the end of the WAL, and the WAL
-/// only starts over once all of it is copied, so once it passes [`WAL_RESTART_FRAMES`] a RESTART
-/// pass copies the few frames the writer added meanwhile (holding it for that long) and makes the
-/// next commit write from the start of the file again.
-fn checkpoint_round(conn: &Connection) -> rusqlite::Result<()> {
-    let log: i64 = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
-    if log > WAL_RESTART_FRAMES {
-        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
-    }
-    Ok(())
-}
-
-/// Checkpoints `path`'s WAL every [`CHECKPOINT_EVERY`] on its own connection (see
-/// [`checkpoint_round`]) until `stop` is dropped.
-fn spawn_checkpointer(
-    path: std::path::PathBuf,
-    stop: mpsc::Receiver<()>,
-) -> Option<std::thread::JoinHandle<()>> {
-    let conn = match Connection::open(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot open the checkpointer's connection; the WAL is checkpointed at shutdown only");
-            return None;
-        }
-    };
-    let _ = conn.busy_timeout(std::time::Duration::from_secs(1));
-    std::thread::Builder::new()
-        .name("checkpoint".into())
-        .spawn(move || {
-            while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
-                if let Err(e) = checkpoint_round(&conn) {
-                    metrics::counter!(crate::metrics::STORAGE_ERRORS, "op" => "checkpoint")
-                        .increment(1);
-                    tracing::warn!(error = %e, "WAL checkpoint failed");
-                }
-            }
-        })
-        .ok()
-}
-
-/// What runs after a job's writes are committed.
-pub type Continuation = Box<dyn FnOnce() + Send>;
-
-/// The thread that owns the [`Store`].
-#[derive(Clone)]
-pub struct StoreThread {
-    tx: mpsc::Sender<Job>,
-}
-
-impl std::fmt::Debug for StoreThread {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StoreThread")
-    }
-}
-
-impl StoreThread {
-    /// Starts the thread. It stops when every handle is dropped, after finishing the queued jobs.
-    pub fn spawn(mut store: Store) -> (Self, std::thread::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let handle = std::thread::Builder::new()
-            .name("storage".into())
-            .spawn(move || {
-                let (stop_checkpoints, stopped) = mpsc::channel::<()>();
-                let checkpointer = store
-                    .path()
-                    .and_then(|path| spawn_checkpointer(path, stopped));
-                let mut stop = false;
-                while !stop {
-                    let Ok(first) = rx.recv() else { break };
-                    let mut batch = vec![first];
-                    // Group commit: once a job arrives, sleep LINGER and take what else arrived, so
-                    // a burst of ops shares one transaction (one set of WAL pages) instead of one
-                    // each. Sleeping rather than waiting on the channel means senders meanwhile
-                    // wake nobody: one context switch per batch, not one per job.
-                    std::thread::sleep(LINGER);
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(more) => batch.push(more),
-                            Err(_) => break,
-                        }
-                    }
-                    if let Some(i) = batch.iter().position(|j| matches!(j, Job::Stop)) {
-                        // Jobs queued after the stop are dropped: nothing may be queued after it.
-                        batch.truncate(i);
-                        stop = true;
-                    }
-                    run_batch(&mut store, batch);
-                }
-                drop(stop_checkpoints);
-                if let Some(t) = checkpointer {
-                    let _ = t.join();
-                }
-                if let Err(e) = store.checkpoint() {
-                    tracing::warn!(error = %e, "WAL checkpoint at shutdown failed");
-                }
-            })
-            .unwrap_or_else(|e| panic!("cannot spawn the storage thread: {e}"));
-        (Self { tx }, handle)
-    }
-
-    /// Queues a job. Fails only after shutdown.
-    pub fn submit(&self, job: Job) -> Result<(), StoreError> {
-        self.tx.send(job).map_err(|_| StoreError::Closed)
-    }
-
-    /// Runs `f` on the storage thread and awaits its result.
-    pub async fn call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Store) -> T + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(Job::Run(Box::new(move |s| {
-            let _ = tx.send(f(s));
-        })))?;
-        rx.await.map_err(|_| StoreError::Closed)
-    }
-}
-
-/// Writes every call of the batch in one transaction (the last record of a call wins), then runs the
-/// continuations and closures in the order they were queued.
-fn run_batch(store: &mut Store, mut batch: Vec<Job>) {
-    metrics::histogram!(crate::metrics::STORAGE_BATCH).record(batch.len() as f64);
-    let mut latest: HashMap<CallId, CallRecord> = HashMap::new();
-    let mut events: Vec<OutboxEvent> = Vec::new();
-    for job in &mut batch {
-        if let Job::Calls(records, evs, _) = job {
-            for r in records.drain(..) {
-                latest.insert(r.call_id.clone(), r);
-            }
-            events.append(evs);
-        }
-    }
-    if !latest.is_empty() || !events.is_empty() {
-        let start = Instant::now();
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let mut attempt = 0;
-        loop {
-            match store.write_batch(latest.values(), &events, now_ms) {
-                Ok(()) => break,
-                Err(e) => {
-                    attempt += 1;
-                    metrics::counter!(crate::metrics::STORAGE_ERRORS, "op" => "write_calls")
-                        .increment(1);
-                    tracing::error!(error = %e, attempt, "writing calls failed");
-                    if attempt >= 3 {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-            }
-        }
-        metrics::histogram!(crate::metrics::STORAGE_COMMIT).record(start.elapsed().as_secs_f64());
-    }
-    for job in batch {
-        match job {
-            Job::Calls(_, _, Some(k)) => k(),
-            Job::Calls(_, _, None) => {}
-            Job::Run(f) => f(store),
-            Job::Stop => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc;
+    use std::time::Instant;
+
     use super::*;
 
     fn uid(s: &str) -> UserId {
@@ -1117,7 +981,8 @@ mod tests {
             t.submit(Job::Calls(
                 vec![c],
                 Vec::new(),
-                Some(Box::new(move || {
+                Some(Box::new(move |stored| {
+                    assert_eq!(stored, Ok(()));
                     // Another connection sees the row: it was committed before this ran.
                     let other = Store::open(&p).expect("opens");
                     let found = other

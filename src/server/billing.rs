@@ -3,7 +3,8 @@
 //!
 //! Segments are written through the storage thread (`INSERT OR IGNORE` on `(call, user, start)`), so a
 //! segment is never written twice, and a crash loses at most the running segment: at most `checkpoint`
-//! seconds per user.
+//! seconds per user. While the database fails, the storage thread keeps closed segments (merging
+//! contiguous ones) and writes them once it works again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -175,10 +176,6 @@ fn write(hub: &Hub, closed: Vec<UsageRecord>) {
             .map(|r| crate::webhooks::from_usage(now, r))
             .collect()
     };
-    let _ = hub.store().submit(Job::Run(Box::new(move |s| {
-        if let Err(e) = s.write_usage_and_events(&closed, &events, now) {
-            metrics::counter!(m::STORAGE_ERRORS, "op" => "write_usage").increment(1);
-            tracing::error!(error = %e, segments = closed.len(), "writing usage failed");
-        }
-    })));
+    // Written with the storage thread's next batch; kept and retried there while storage fails.
+    let _ = hub.store().submit(Job::Usage(closed, events));
 }

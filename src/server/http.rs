@@ -69,6 +69,7 @@ impl From<ApiError> for HttpError {
             ErrorCode::TooManyUsers => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self::new(status, e.code.as_str(), e.message)
     }
@@ -197,22 +198,31 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: storage answers and the server is not shutting down.
+/// How long `/readyz` waits for the storage thread to answer.
+const READY_STORAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `GET /readyz`: writes to storage work, the storage thread answers, and the server is not
+/// shutting down or draining.
 pub async fn readyz(State(app): State<AppState>) -> Response {
+    let not_ready = |status: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": status})),
+        )
+            .into_response()
+    };
     if *app.shutdown.borrow() || app.draining() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "draining"})),
-        )
-            .into_response();
+        return not_ready("draining");
     }
-    match app.hub.store().call(|_| ()).await {
-        Ok(()) => Json(json!({"status": "ready"})).into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "storage unavailable"})),
-        )
-            .into_response(),
+    let store = app.hub.store();
+    if !store.healthy() {
+        return not_ready("storage failing");
+    }
+    match tokio::time::timeout(READY_STORAGE_WAIT, store.call(|_| ())).await {
+        Ok(Ok(())) if store.healthy() => Json(json!({"status": "ready"})).into_response(),
+        Ok(Ok(())) => not_ready("storage failing"),
+        Ok(Err(_)) => not_ready("storage unavailable"),
+        Err(_) => not_ready("storage not answering"),
     }
 }
 
@@ -370,8 +380,7 @@ pub async fn end_call(
     raw: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, HttpError> {
     let id = call_id_from_path(raw)?;
-    app.hub.end_call(&id, EndReason::Admin)?;
-    app.hub.flush().await;
+    app.hub.end_call(&id, EndReason::Admin).await?;
     Ok(Json(json!({"call_id": id, "reason": "admin"})))
 }
 

@@ -12,6 +12,12 @@
 //! Queuing under the lock makes the storage order the core's order, so every session sees events in the
 //! order the core produced them, each reply after the events its request caused, and nothing is sent
 //! before it is durable.
+//!
+//! When storage gives up on a job (see `storage::writer`), its continuation sends no event and no
+//! effect; the op is answered `unavailable`, and the storage thread has the hub put the calls back
+//! in the core as last committed ([`Restorer`]). A session whose connect could not be stored is
+//! closed (1011) so that it reconnects and replays. Timers wait while storage is down: a timeout
+//! that cannot be stored would otherwise fire again at once, for ever.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,7 +36,7 @@ use crate::signaling::wire::{
     reply_frame,
 };
 use crate::signaling::{Applied, Effect, Notice, Op, Output, Request, Signaling};
-use crate::storage::{Job, StoreThread};
+use crate::storage::{Job, Restorer, StoreThread, Unavailable};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -96,9 +102,10 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub over a core (already restored) and a storage thread.
+    /// A hub over a core (already restored) and a storage thread. The hub installs itself as the
+    /// storage thread's [`Restorer`].
     pub fn new(core: Signaling, store: StoreThread, config: Arc<Config>) -> Arc<Self> {
-        Arc::new(Self {
+        let hub = Arc::new(Self {
             core: Mutex::new(core),
             sessions: DashMap::new(),
             store,
@@ -109,7 +116,10 @@ impl Hub {
             rooms: std::sync::RwLock::new(None),
             notices: std::sync::RwLock::new(Vec::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
-        })
+        });
+        hub.store
+            .set_restorer(Box::new(CoreRestorer(Arc::downgrade(&hub))));
+        hub
     }
 
     /// Installs (or, with `None`, removes) the media plane's room hooks.
@@ -154,7 +164,7 @@ impl Hub {
         let now = now_ms();
         let mut core = self.core();
         let out = core.end_in_progress(now, reason);
-        self.commit(&mut core, now, out, None);
+        self.commit(&mut core, now, out, Answer::None);
     }
 
     /// The configuration in force.
@@ -224,7 +234,8 @@ impl Hub {
             if !was_online {
                 metrics::gauge!(m::USERS_ONLINE).increment(1.0);
             }
-            self.commit(&mut core, now, out, None);
+            // The replay is this session's start: without it the session would miss invitations.
+            self.commit(&mut core, now, out, Answer::CloseOnFailure(sid));
         }
         let _ = self.store.submit(Job::Run(Box::new(move |s| {
             if let Err(e) = s.remember_user(&user, name.as_deref(), now) {
@@ -249,7 +260,7 @@ impl Hub {
         {
             metrics::gauge!(m::USERS_ONLINE).decrement(1.0);
         }
-        self.commit(&mut core, now, out, None);
+        self.commit(&mut core, now, out, Answer::None);
     }
 
     /// Handles one request frame's parsed form. Media ops are returned for the caller to run.
@@ -289,7 +300,13 @@ impl Hub {
                             &mut core,
                             now,
                             out,
-                            Some((sid, id, op_name, started, reply)),
+                            Answer::Reply {
+                                sid,
+                                id,
+                                op: op_name,
+                                started,
+                                reply,
+                            },
                         );
                         None
                     }
@@ -417,14 +434,15 @@ impl Hub {
     }
 
     /// Carries out one core output: queues its writes, and after the commit its events, effects and
-    /// the reply. Must be called with the core locked (the guard proves it) so storage order is core
-    /// order.
+    /// the answer. If storage gives up on the writes, none of that happens: the answer says so (see
+    /// [`Answer`]) and the core is restored by the storage thread. Must be called with the core
+    /// locked (the guard proves it) so storage order is core order.
     fn commit(
         self: &Arc<Self>,
         core: &mut MutexGuard<'_, Signaling>,
         now: u64,
         out: Output,
-        reply: Option<(SessionId, u64, &'static str, Instant, Reply)>,
+        answer: Answer,
     ) {
         let Output {
             deliveries,
@@ -447,20 +465,49 @@ impl Hub {
                 other => rest.push(other),
             }
         }
-        if deliveries.is_empty() && rest.is_empty() && records.is_empty() && reply.is_none() {
+        if deliveries.is_empty() && rest.is_empty() && records.is_empty() && answer.is_none() {
             self.rearm(core);
             return;
         }
         let hub = Arc::clone(self);
-        let continuation = Box::new(move || {
-            for d in deliveries {
-                hub.send_to(d.session, Outbound::Event(d.event));
+        let continuation = Box::new(move |stored: Result<(), Unavailable>| {
+            if stored.is_ok() {
+                for d in deliveries {
+                    hub.send_to(d.session, Outbound::Event(d.event));
+                }
+                for e in rest {
+                    hub.carry_out(now, e);
+                }
             }
-            for e in rest {
-                hub.carry_out(now, e);
-            }
-            if let Some((sid, id, op, started, reply)) = reply {
-                hub.send_reply(sid, Some(id), op, started, &reply);
+            match (answer, stored) {
+                (Answer::None, _) | (Answer::CloseOnFailure(_), Ok(())) => {}
+                (
+                    Answer::Reply {
+                        sid,
+                        id,
+                        op,
+                        started,
+                        reply,
+                    },
+                    stored,
+                ) => {
+                    let reply = match stored {
+                        Ok(()) => reply,
+                        Err(_) => Err(unavailable()),
+                    };
+                    hub.send_reply(sid, Some(id), op, started, &reply);
+                }
+                (Answer::Waiter(tx), stored) => {
+                    let _ = tx.send(stored);
+                }
+                (Answer::CloseOnFailure(sid), Err(_)) => {
+                    metrics::counter!(m::SESSIONS_CLOSED, "reason" => "storage_unavailable")
+                        .increment(1);
+                    hub.send_to(
+                        sid,
+                        Outbound::Close(close::STORAGE_UNAVAILABLE, "storage unavailable"),
+                    );
+                }
             }
         });
         if self
@@ -510,7 +557,7 @@ impl Hub {
     pub fn room_changed(self: &Arc<Self>, call_id: &CallId, participants: usize, at_ms: u64) {
         let mut core = self.core();
         let out = core.room_changed(at_ms, call_id, participants);
-        self.commit(&mut core, at_ms, out, None);
+        self.commit(&mut core, at_ms, out, Answer::None);
     }
 
     /// A user hung up (`rtc_leave`) or joined a call's room again.
@@ -518,13 +565,24 @@ impl Hub {
         self.core().hung_up(call_id, user, hung_up);
     }
 
-    /// Ends a call on the server's authority (admin or drain).
-    pub fn end_call(self: &Arc<Self>, call_id: &CallId, reason: EndReason) -> Result<(), ApiError> {
-        let now = now_ms();
-        let mut core = self.core();
-        let out = core.end_by_server(now, call_id, reason)?;
-        self.commit(&mut core, now, out, None);
-        Ok(())
+    /// Ends a call on the server's authority (admin), once the end is stored.
+    pub async fn end_call(
+        self: &Arc<Self>,
+        call_id: &CallId,
+        reason: EndReason,
+    ) -> Result<(), ApiError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let now = now_ms();
+            let mut core = self.core();
+            let out = core.end_by_server(now, call_id, reason)?;
+            self.commit(&mut core, now, out, Answer::Waiter(tx));
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(unavailable()),
+            Err(_) => Err(ApiError::new(ErrorCode::Internal, "storage is shut down")),
+        }
     }
 
     /// Ends every started call.
@@ -532,7 +590,7 @@ impl Hub {
         let now = now_ms();
         let mut core = self.core();
         let out = core.end_all(now, reason);
-        self.commit(&mut core, now, out, None);
+        self.commit(&mut core, now, out, Answer::None);
     }
 
     /// Number of started calls.
@@ -552,14 +610,22 @@ impl Hub {
         }
     }
 
-    /// Fires the core's timers; runs until `shutdown` resolves.
+    /// Fires the core's timers; runs until `shutdown` resolves. While storage is down it waits: a
+    /// timer's change that cannot be stored is undone and would fire again at once.
     pub async fn run_timers(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut health = self.store.health();
         loop {
+            if !*health.borrow_and_update() {
+                tokio::select! {
+                    _ = health.changed() => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
             let next = {
                 let mut core = self.core();
                 let now = now_ms();
                 let out = core.tick(now);
-                self.commit(&mut core, now, out, None);
+                self.commit(&mut core, now, out, Answer::None);
                 let next = core.next_deadline().unwrap_or(u64::MAX);
                 self.armed.store(next, Ordering::Release);
                 next
@@ -572,6 +638,7 @@ impl Hub {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.timer_wake.notified() => {}
+                _ = health.changed() => {}
                 _ = shutdown.changed() => return,
             }
         }
@@ -601,6 +668,66 @@ impl Hub {
             .filter(|c| c.state == CallState::Started)
             .count();
         metrics::gauge!(m::CALLS_ACTIVE).set(n as f64);
+    }
+}
+
+/// Who learns the outcome of a commit, and how.
+enum Answer {
+    /// Nobody (timers, room occupancy, disconnects, server-side ends).
+    None,
+    /// A session's request: its reply, or `unavailable` if the change was not stored.
+    Reply {
+        sid: SessionId,
+        id: u64,
+        op: &'static str,
+        started: Instant,
+        reply: Reply,
+    },
+    /// An HTTP handler waiting for the outcome.
+    Waiter(tokio::sync::oneshot::Sender<Result<(), Unavailable>>),
+    /// A session's connect: if its replay could not be stored, the session is closed so that the
+    /// client reconnects (and replays) later.
+    CloseOnFailure(SessionId),
+}
+
+impl Answer {
+    fn is_none(&self) -> bool {
+        matches!(self, Answer::None)
+    }
+}
+
+/// The reply to an op whose change could not be stored.
+fn unavailable() -> ApiError {
+    ApiError::new(
+        ErrorCode::Unavailable,
+        "the server cannot store changes right now; nothing was changed, try again later",
+    )
+}
+
+/// Close codes the hub uses (the session's own are in `session::close`).
+mod close {
+    /// The session's connect could not be stored (the replay of its invitations may be
+    /// incomplete): reconnect later.
+    pub const STORAGE_UNAVAILABLE: u16 = 1011;
+}
+
+/// Puts calls back in the core for the storage thread, and queues the marker that later jobs
+/// build on the restored state, under the core's lock.
+struct CoreRestorer(std::sync::Weak<Hub>);
+
+impl Restorer for CoreRestorer {
+    fn restore(&self, calls: Vec<(CallId, Option<crate::signaling::CallRecord>)>) {
+        let Some(hub) = self.0.upgrade() else {
+            return;
+        };
+        let now = now_ms();
+        let mut core = hub.core();
+        let ids: Vec<CallId> = calls.iter().map(|(id, _)| id.clone()).collect();
+        for (id, committed) in calls {
+            core.rollback(now, &id, committed);
+        }
+        let _ = hub.store.submit(Job::Restored(ids));
+        hub.rearm(&core);
     }
 }
 

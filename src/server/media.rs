@@ -112,11 +112,8 @@ impl MediaSink for Sink {
             return;
         }
         let ev = crate::webhooks::event(event.name(), now_ms(), event.data());
-        let _ = self.hub.store().submit(Job::Run(Box::new(move |s| {
-            if let Err(e) = s.enqueue_webhooks(&[ev], now_ms()) {
-                tracing::error!(error = %e, "queueing a webhook failed");
-            }
-        })));
+        // Kept and retried by the storage thread while the database fails.
+        let _ = self.hub.store().submit(Job::Events(vec![ev]));
     }
 }
 

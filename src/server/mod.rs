@@ -167,7 +167,10 @@ impl Server {
         let n_restored = restored.len();
         let mut core = Signaling::new(Rules::from_config(&config.signaling));
         core.restore(restored, now_ms());
-        let (store, store_thread) = StoreThread::spawn(store);
+        let (store, store_thread) = StoreThread::spawn_with(
+            store,
+            Duration::from_secs(config.storage.write_timeout),
+        );
         let hub = Hub::new(core, store, Arc::clone(&config));
         hub.init_gauges();
         if n_restored > 0 {

@@ -365,30 +365,65 @@ impl Signaling {
     /// don't come back within the grace period are gone.
     pub fn restore(&mut self, calls: Vec<CallRecord>, now: u64) {
         for call in calls {
-            if call.state != CallState::Started {
-                continue;
+            if call.state == CallState::Started {
+                self.install(call, now);
             }
-            let id = call.call_id.clone();
-            for u in &call.users {
-                let p = self.users.entry(u.user_id.clone()).or_default();
-                if !p.calls.contains(&id) {
-                    p.calls.push(id.clone());
-                }
-                if p.offline_since.is_none() && p.sessions.is_empty() {
-                    p.offline_since = Some(now);
-                    self.timers.insert((
-                        now + self.rules.disconnect_grace_ms,
-                        Timer::Gone(u.user_id.clone()),
-                    ));
-                }
-                if u.state.is_ringing() {
-                    self.timers
-                        .insert((u.deadline, Timer::Invite(id.clone(), u.user_id.clone())));
+        }
+    }
+
+    /// Puts a started call in memory with its indexes and timers: every user's `calls` index,
+    /// the ringing users' timeouts, the going-away timer of users without a live session (who
+    /// count as offline since `now` unless known to be offline since earlier), and the empty-room
+    /// countdown. Timers already armed are not duplicated (they are a set).
+    fn install(&mut self, call: CallRecord, now: u64) {
+        let id = call.call_id.clone();
+        for u in &call.users {
+            let p = self.users.entry(u.user_id.clone()).or_default();
+            if !p.calls.contains(&id) {
+                p.calls.push(id.clone());
+            }
+            if p.sessions.is_empty() {
+                let since = *p.offline_since.get_or_insert(now);
+                self.timers.insert((
+                    since + self.rules.disconnect_grace_ms,
+                    Timer::Gone(u.user_id.clone()),
+                ));
+            }
+            if u.state.is_ringing() {
+                self.timers
+                    .insert((u.deadline, Timer::Invite(id.clone(), u.user_id.clone())));
+            }
+        }
+        self.rooms.entry(id.clone()).or_default();
+        self.calls.insert(id.clone(), call);
+        self.maybe_start_empty_countdown(&id, now);
+    }
+
+    /// Undoes what happened to a call since storage last committed it: the shell could not store
+    /// the changes, so none of the events or replies about them were sent, and the call must be
+    /// what storage holds. `committed` is that record, or `None` if the call was never committed
+    /// (it is forgotten). Presence and the room's media state are kept; timers are re-armed from
+    /// the record (one whose deadline passed fires at the next tick). A user without a live
+    /// session whose going-away the undone change carried out counts as offline from `now`: their
+    /// grace period starts again.
+    pub fn rollback(&mut self, now: u64, id: &CallId, committed: Option<CallRecord>) {
+        if let Some(current) = self.calls.remove(id) {
+            for u in &current.users {
+                if let Some(p) = self.users.get_mut(&u.user_id) {
+                    p.calls.retain(|c| c != id);
+                    if p.sessions.is_empty() && p.calls.is_empty() {
+                        self.users.remove(&u.user_id);
+                    }
                 }
             }
-            self.rooms.insert(id.clone(), Room::default());
-            self.calls.insert(id.clone(), call);
-            self.maybe_start_empty_countdown(&id, now);
+        }
+        match committed {
+            Some(call) if call.state == CallState::Started && call.call_id == *id => {
+                self.install(call, now);
+            }
+            _ => {
+                self.rooms.remove(id);
+            }
         }
     }
 
@@ -1425,6 +1460,7 @@ impl Signaling {
                         .is_some_and(|c| c.state == CallState::Ended)
                     {
                         self.calls.remove(&id);
+                        self.rooms.remove(&id);
                     }
                 }
             }
@@ -1670,7 +1706,8 @@ impl Signaling {
                 }
             }
         }
-        self.rooms.remove(id);
+        // The room's entry stays until the call is evicted: if this end cannot be stored and is
+        // undone (`rollback`), the room's occupancy is still known.
         out.effects.push(Effect::CloseRoom {
             call_id: id.clone(),
         });

@@ -20,8 +20,13 @@ struct H {
     now: u64,
     next_session: u64,
     inbox: HashMap<SessionId, Vec<Event>>,
+    /// What storage holds: the last record of each call whose write "committed".
     records: HashMap<CallId, CallRecord>,
     effects: Vec<Effect>,
+    /// Storage is failing: outputs are not committed (no events, no effects) and the calls they
+    /// wrote are collected in `unstored` for [`H::undo`].
+    failing: bool,
+    unstored: Vec<CallId>,
 }
 
 fn uid(s: &str) -> UserId {
@@ -53,10 +58,23 @@ impl H {
             inbox: HashMap::new(),
             records: HashMap::new(),
             effects: Vec::new(),
+            failing: false,
+            unstored: Vec::new(),
         }
     }
 
     fn absorb(&mut self, out: Output) {
+        if self.failing {
+            // As the shell does when a commit fails: nothing is delivered or carried out.
+            for e in out.effects {
+                if let Effect::Persist(r) = e
+                    && !self.unstored.contains(&r.call_id)
+                {
+                    self.unstored.push(r.call_id);
+                }
+            }
+            return;
+        }
         for d in out.deliveries {
             self.inbox
                 .entry(d.session)
@@ -125,6 +143,28 @@ impl H {
             self.absorb(out);
         }
         self.now = end;
+    }
+
+    /// Storage gave up on what was written while `failing`: the shell puts those calls back as
+    /// last committed (or forgets them), as the storage thread's restorer does.
+    fn undo(&mut self) {
+        self.failing = false;
+        for id in std::mem::take(&mut self.unstored) {
+            let committed = self
+                .records
+                .get(&id)
+                .filter(|r| r.state == CallState::Started)
+                .cloned();
+            self.core.rollback(self.now, &id, committed);
+        }
+    }
+
+    /// Runs `f` with storage failing, then undoes what it changed.
+    fn unstored<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.failing = true;
+        let r = f(self);
+        self.undo();
+        r
     }
 
     fn take(&mut self, s: SessionId) -> Vec<Event> {
@@ -1495,4 +1535,206 @@ fn a_user_who_hung_up_a_general_call_is_not_busy_while_it_completes() {
     // Joining again makes Bob part of the call again.
     h.core.hung_up(&id, &uid("bob"), false);
     assert!(h.core.may_join_room(&uid("bob"), &id).is_ok());
+}
+
+// ----- changes that storage could not keep (rollback) -----
+
+#[test]
+fn an_invite_that_was_not_stored_leaves_no_trace() {
+    let mut h = H::new();
+    let a = h.connect("alice");
+    let b = h.connect("bob");
+    let reply = h.unstored(|h| {
+        h.op(
+            a,
+            "call_invite",
+            json!({"invitees": ["bob", "carol"], "timeout": 30}),
+        )
+    });
+    assert!(reply.is_ok(), "the core accepted the op: {reply:?}");
+    let id = CallId::parse("c_1").expect("valid");
+    assert!(h.core.call(&id).is_none(), "the call was forgotten");
+    assert!(h.take(b).is_empty());
+    // Nobody is busy: alice can call, bob can be called, and carol's late connect replays nothing.
+    let again = h.invite(a, &["bob"], "general");
+    assert_eq!(h.state(&again, "bob"), UserState::Received);
+    let c = h.connect("carol");
+    assert!(h.take(c).is_empty(), "no invitation for carol");
+    // The undone call's timer fires nothing.
+    h.clear();
+    h.advance(31_000);
+    assert!(h.effects.iter().all(|e| match e {
+        Effect::Persist(r) => r.call_id.as_str() != "c_1",
+        _ => true,
+    }));
+}
+
+#[test]
+fn an_accept_that_was_not_stored_leaves_the_invitee_ringing_until_the_timeout() {
+    let mut h = H::new();
+    let a = h.connect("alice");
+    let b = h.connect("bob");
+    let id = h.invite(a, &["bob"], "general");
+    h.clear();
+    let reply = h.unstored(|h| h.op(b, "call_accept", json!({"call_id": id})));
+    assert!(reply.is_ok());
+    let call = h.core.call(&CallId::parse(&id).expect("valid")).expect("kept");
+    assert_eq!(call, h.record(&id), "the core holds what storage holds");
+    assert_eq!(h.state(&id, "bob"), UserState::Received);
+    // Bob may answer again, now that storage works.
+    h.ok(b, "call_accept", json!({"call_id": id}));
+    assert_eq!(h.state(&id, "bob"), UserState::Accepted);
+
+    // Without a second answer the invitation times out at its original deadline.
+    let mut h = H::new();
+    let a = h.connect("alice");
+    let b = h.connect("bob");
+    let id = h.invite(a, &["bob"], "general");
+    h.unstored(|h| h.op(b, "call_reject", json!({"call_id": id})))
+        .expect("applied");
+    assert_eq!(h.state(&id, "bob"), UserState::Received);
+    h.clear();
+    h.advance(59_000);
+    assert_eq!(h.state(&id, "bob"), UserState::Received);
+    h.advance(1_000);
+    assert_eq!(h.state(&id, "bob"), UserState::Timeout);
+    assert_eq!(ended_reason(&h.take(a)), Some(EndReason::Timeout));
+}
+
+#[test]
+fn an_end_that_was_not_stored_keeps_the_call_and_its_room() {
+    let mut h = H::new();
+    let a = h.connect("alice");
+    let b = h.connect("bob");
+    let id = h.invite(a, &["bob"], "advanced");
+    h.ok(b, "call_accept", json!({"call_id": id}));
+    h.room(&id, 2);
+    h.clear();
+    h.unstored(|h| h.op(a, "call_end", json!({"call_id": id})))
+        .expect("applied");
+    let call = h.core.call(&CallId::parse(&id).expect("valid")).expect("kept");
+    assert_eq!(call.state, CallState::Started);
+    assert!(h.take(b).is_empty(), "bob was not told of an end that did not happen");
+    // Both are still in the call (busy), and may use its room.
+    h.fails(
+        b,
+        "call_invite",
+        json!({"invitees": ["carol"]}),
+        ErrorCode::Busy,
+    );
+    assert!(
+        h.core
+            .may_join_room(&uid("bob"), &CallId::parse(&id).expect("valid"))
+            .is_ok()
+    );
+    // The room's occupancy survived: nobody left, so leaving one participant keeps the call.
+    h.room(&id, 1);
+    h.ok(a, "call_end", json!({"call_id": id}));
+    assert_eq!(h.record(&id).state, CallState::Ended);
+}
+
+#[test]
+fn a_timeout_that_was_not_stored_fires_again() {
+    let mut h = H::new();
+    let a = h.connect("alice");
+    let _b = h.connect("bob");
+    let id = h.invite(a, &["bob"], "general");
+    h.unstored(|h| h.advance(60_000));
+    assert_eq!(h.state(&id, "bob"), UserState::Received);
+    assert!(
+        h.core.next_deadline().is_some_and(|d| d <= h.now),
+        "the timer is due again"
+    );
+    h.clear();
+    h.advance(1);
+    assert_eq!(h.state(&id, "bob"), UserState::Timeout);
+}
+
+#[test]
+fn a_caller_gone_end_that_was_not_stored_happens_one_grace_period_later() {
+    let mut h = H::new();
+    let a = h.connect("alice");
+    let b = h.connect("bob");
+    let id = h.invite(a, &["bob"], "general");
+    h.disconnect(a);
+    h.unstored(|h| h.advance(31_000));
+    assert_eq!(h.record(&id).state, CallState::Started);
+    let call = h.core.call(&CallId::parse(&id).expect("valid")).expect("kept");
+    assert_eq!(call.state, CallState::Started);
+    // The caller's grace period starts again from the undo.
+    h.clear();
+    h.advance(29_000);
+    assert_eq!(h.record(&id).state, CallState::Started);
+    h.advance(1_001);
+    assert_eq!(h.record(&id).state, CallState::Ended);
+    assert_eq!(h.record(&id).end_reason, Some(EndReason::CallerGone));
+    assert!(h.names(b).contains(&"call_invitation_cancelled"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    /// Whatever happens and whichever steps storage fails to keep, the core ends each step holding
+    /// exactly what storage holds for every started call, and nothing for calls never stored.
+    #[test]
+    fn after_any_failed_writes_the_core_holds_what_storage_holds(
+        steps in prop::collection::vec((step(), any::<bool>()), 1..60)
+    ) {
+        let mut h = H::new();
+        let mut sessions: Vec<Vec<SessionId>> = vec![Vec::new(); USERS.len()];
+        let mut ids: Vec<String> = Vec::new();
+        for (st, fails) in steps {
+            h.clear();
+            // Connects and disconnects are not storage writes that can be undone in the shell
+            // (a failed connect closes the session), so only ops, timers and rooms fail here.
+            h.failing = fails && !matches!(st, Step::Connect(_) | Step::Disconnect(_));
+            let call = |i: usize| ids.get(i % ids.len().max(1)).cloned().unwrap_or_else(|| "c_0".into());
+            let sess = |sessions: &Vec<Vec<SessionId>>, u: usize| sessions[u].last().copied();
+            match st {
+                Step::Connect(u) => { let s = h.connect(USERS[u]); sessions[u].push(s); }
+                Step::Disconnect(u) => { if let Some(s) = sessions[u].pop() { h.disconnect(s); } }
+                Step::Advance(ms) => h.advance(ms),
+                Step::Room(c, n) => { let id = call(c); h.room(&id, n); }
+                Step::Invite(u, inv, adv) => if let Some(s) = sess(&sessions, u) {
+                    let invitees: Vec<&str> = inv.iter().map(|i| USERS[*i]).collect();
+                    let mode = if adv { "advanced" } else { "general" };
+                    if let Ok(r) = h.op(s, "call_invite", json!({"invitees": invitees, "mode": mode, "timeout": 30})) {
+                        ids.push(r["call_id"].as_str().unwrap_or_default().to_owned());
+                    }
+                },
+                Step::CallingInvite(u, c, inv) => if let Some(s) = sess(&sessions, u) {
+                    let invitees: Vec<&str> = inv.iter().map(|i| USERS[*i]).collect();
+                    let _ = h.op(s, "calling_invite", json!({"call_id": call(c), "invitees": invitees}));
+                },
+                Step::Cancel(u, c) | Step::Accept(u, c) | Step::Reject(u, c) | Step::Join(u, c)
+                | Step::Quit(u, c) | Step::End(u, c) => if let Some(s) = sess(&sessions, u) {
+                    let op = match st {
+                        Step::Cancel(..) => "call_cancel",
+                        Step::Accept(..) => "call_accept",
+                        Step::Reject(..) => "call_reject",
+                        Step::Join(..) => "call_join",
+                        Step::Quit(..) => "call_quit",
+                        _ => "call_end",
+                    };
+                    let _ = h.op(s, op, json!({"call_id": call(c)}));
+                },
+            }
+            h.undo();
+            for (id, rec) in &h.records {
+                if rec.state == CallState::Started {
+                    prop_assert_eq!(h.core.call(id), Some(rec), "{} differs from storage", id);
+                }
+            }
+            for id in &ids {
+                let id = CallId::parse(id).expect("valid");
+                if !h.records.contains_key(&id) {
+                    prop_assert!(h.core.call(&id).is_none(), "{} was never stored", id);
+                }
+            }
+            // Every started call the core holds is one storage holds.
+            for c in h.core.started_calls() {
+                prop_assert!(h.records.get(&c.call_id).is_some_and(|r| r == c), "{} is not stored", c.call_id);
+            }
+        }
+    }
 }

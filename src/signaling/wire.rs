@@ -36,6 +36,9 @@ pub enum ErrorCode {
     RateLimited,
     /// The server failed.
     Internal,
+    /// The change could not be stored (the database is failing): nothing was changed; try again
+    /// later. An addition to the contract's codes.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -53,6 +56,7 @@ impl ErrorCode {
             ErrorCode::TooManyUsers => "too_many_users",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

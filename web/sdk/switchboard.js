@@ -35,6 +35,7 @@ export const ERROR_TEXT = Object.freeze({
   too_many_users: 'Too many people for one call.',
   rate_limited: 'Too many requests at once. Wait a moment and try again.',
   internal: 'The server ran into a problem. Please try again.',
+  unavailable: 'The server cannot save changes right now. Nothing was changed; please try again shortly.',
   disconnected: 'The connection to the server was lost.',
   timeout: 'The server did not answer in time.',
   closed: 'The connection was closed.',
