@@ -96,7 +96,9 @@
 //!   is 0×0 and it does not satisfy a resolution cap.
 //! - Dropping the last [`Sfu`] handle does not stop the threads; call [`Sfu::shutdown`].
 
+mod limits;
 mod net;
+mod routes;
 mod worker;
 
 pub mod forwarder;
@@ -324,6 +326,10 @@ pub enum SfuError {
     /// The candidate could not be parsed.
     #[error("bad candidate: {0}")]
     BadCandidate(String),
+    /// The SDP or candidate is over one of the `[media]` limits (size, m-lines, tracks, remote
+    /// candidates); the message names the limit. Nothing was changed.
+    #[error("{0}")]
+    Limit(String),
     /// No such track in the room.
     #[error("unknown track")]
     UnknownTrack,
@@ -343,7 +349,9 @@ impl SfuError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::NotJoined | Self::NoOfferPending => "invalid_state",
-            Self::BadSdp(_) | Self::BadCandidate(_) | Self::UnknownTrack => "bad_request",
+            Self::BadSdp(_) | Self::BadCandidate(_) | Self::Limit(_) | Self::UnknownTrack => {
+                "bad_request"
+            }
             Self::Unavailable | Self::Io(_) | Self::Internal => "internal",
         }
     }
@@ -434,6 +442,8 @@ pub struct Counters {
     pub datagrams_out: AtomicU64,
     /// UDP datagrams received.
     pub datagrams_in: AtomicU64,
+    /// Source addresses the I/O thread currently routes to a worker (a level, not a count).
+    pub udp_routes: AtomicU64,
     /// Packet dwell (arrival → handed to `sendmmsg`), counts per bucket of [`DWELL_BOUNDS_US`]
     /// (the last bucket is everything above).
     pub dwell: [AtomicU64; DWELL_BUCKETS],
@@ -467,6 +477,8 @@ pub struct CountersSnapshot {
     pub datagrams_out: u64,
     /// See [`Counters::datagrams_in`].
     pub datagrams_in: u64,
+    /// See [`Counters::udp_routes`].
+    pub udp_routes: u64,
     /// See [`Counters::dwell`].
     pub dwell: [u64; DWELL_BUCKETS],
 }
@@ -507,6 +519,7 @@ impl Counters {
             layer_switches: r(&self.layer_switches),
             datagrams_out: r(&self.datagrams_out),
             datagrams_in: r(&self.datagrams_in),
+            udp_routes: r(&self.udp_routes),
             dwell: std::array::from_fn(|i| self.dwell.get(i).map_or(0, r)),
         }
     }
@@ -630,6 +643,7 @@ impl Sfu {
                 io_tx: io_tx.clone(),
                 counters: counters.clone(),
                 backlog,
+                limits: limits::MediaLimits::from_config(cfg),
             });
             let handle = std::thread::Builder::new()
                 .name(format!("sfu-worker-{idx}"))
@@ -645,6 +659,7 @@ impl Sfu {
             control: io_rx,
             stop: stop.clone(),
             counters: counters.clone(),
+            max_routes: cfg.max_routes,
         };
         threads.push(
             std::thread::Builder::new()
@@ -898,6 +913,7 @@ mod tests {
     #[test]
     fn errors_map_to_protocol_codes() {
         assert_eq!(SfuError::NotJoined.code(), "invalid_state");
+        assert_eq!(SfuError::Limit("x".into()).code(), "bad_request");
         assert_eq!(SfuError::BadSdp("x".into()).code(), "bad_request");
         assert_eq!(SfuError::UnknownTrack.code(), "bad_request");
         assert_eq!(SfuError::Internal.code(), "internal");
