@@ -39,13 +39,16 @@
 //! datagram to the worker that owns its connection. A fixed set of worker threads
 //! (`[media] workers`, default one per core) each own whole rooms (a room lives on the worker
 //! its call ID hashes to), with every `Rtc` of those rooms, so forwarding between a publisher
-//! and its subscribers never crosses a thread or takes a lock. Routing: the I/O thread keeps
-//! a source-address → worker table that it alone writes. An unknown address is routed only by
-//! a STUN binding request, whose USERNAME starts with the server's ufrag; the server chooses
-//! each ufrag to begin with the worker's index in hex, so routing needs no shared map. The
-//! worker then finds the `Rtc` by ufrag, checks `Rtc::accepts`, and learns the address. Workers
-//! tell the I/O thread to forget addresses of closed connections. Workers send with `sendmmsg`
-//! on the shared socket, one batch per poll round.
+//! and its subscribers never crosses a thread or takes a lock. Routing (`routes`): a STUN
+//! binding request goes to the worker named by its USERNAME, which starts with the server's
+//! ufrag; the server chooses each ufrag to begin with the worker's index in hex, so routing
+//! needs no shared map, and routing a request stores nothing. The worker finds the `Rtc` by
+//! ufrag and checks `Rtc::accepts` (ufrags and MESSAGE-INTEGRITY); only then does it learn the
+//! address (at most 16 per connection) and tell the I/O thread, whose source-address → worker
+//! table routes everything else (DTLS, SRTP). That table is written only from those reports,
+//! capped at `[media] max_routes`, cleared of closed connections' addresses by their worker and
+//! of addresses silent for 30 s. Workers send with `sendmmsg` on the shared socket, one batch
+//! per poll round.
 //!
 //! The alternative, one socket per worker with `SO_REUSEPORT`, would spread the kernel work but
 //! the kernel hashes by 4-tuple, not by room, so datagrams would still need a hop; with one port
@@ -94,6 +97,9 @@
 //! - Only Opus, VP8, VP9, H.264 and AV1 are negotiated. Keyframe detection and resolution
 //!   measurement come from [`crate::codec`]; until a layer is measured its billing resolution
 //!   is 0×0 and it does not satisfy a resolution cap.
+//! - What one participant may make the engine hold is bounded by `[media]` keys, checked before
+//!   str0m parses anything (`limits`): SDP bytes, m-lines per offer, tracks, distinct remote
+//!   candidates per connection. Over a limit is [`SfuError::Limit`] (`bad_request`).
 //! - Dropping the last [`Sfu`] handle does not stop the threads; call [`Sfu::shutdown`].
 
 mod limits;
