@@ -204,7 +204,7 @@ impl Default for MediaConfig {
             max_tracks_per_participant: 8,
             max_mlines_per_offer: 16,
             max_remote_candidates: 32,
-            max_sdp_bytes: 32_768,
+            max_sdp_bytes: 65_536,
         }
     }
 }
@@ -397,7 +397,12 @@ impl Config {
             1,
             1024,
         )?;
-        range("media.max_sdp_bytes", md.max_sdp_bytes as u64, 1024, 1 << 20)?;
+        range(
+            "media.max_sdp_bytes",
+            md.max_sdp_bytes as u64,
+            1024,
+            1 << 20,
+        )?;
         if self.media.udp_port == 0 {
             // Port 0 is allowed: tests bind an ephemeral port and read it back.
         }
@@ -690,7 +695,10 @@ mod tests {
     fn media_limits_are_bounded() {
         for (toml, key) in [
             ("max_routes = 10", "media.max_routes"),
-            ("max_tracks_per_participant = 0", "media.max_tracks_per_participant"),
+            (
+                "max_tracks_per_participant = 0",
+                "media.max_tracks_per_participant",
+            ),
             ("max_mlines_per_offer = 0", "media.max_mlines_per_offer"),
             ("max_remote_candidates = 0", "media.max_remote_candidates"),
             ("max_sdp_bytes = 100", "media.max_sdp_bytes"),

@@ -51,7 +51,13 @@ fn distinct_candidates(sdp: &str) -> usize {
         .filter_map(|l| l.strip_prefix("a=candidate:"))
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            Some(format!("{} {} {} {}", f.get(1)?, f.get(2)?, f.get(4)?, f.get(5)?))
+            Some(format!(
+                "{} {} {} {}",
+                f.get(1)?,
+                f.get(2)?,
+                f.get(4)?,
+                f.get(5)?
+            ))
         })
         .collect::<HashSet<_>>()
         .len()
@@ -104,16 +110,21 @@ async fn each_media_limit_refuses_one_over_and_a_real_offer_at_the_limits_carrie
     .expect("pc");
     let offer3 = three.offer().await.expect("offer");
     assert_eq!(offer3.matches("\nm=").count(), 3);
-    refused(
-        publish(offer3).await,
-        "media.max_tracks_per_participant",
-    );
+    refused(publish(offer3).await, "media.max_tracks_per_participant");
 
-    let mut p = Publisher::new(LOCALHOST, "alice", &[TrackSpec::audio(), TrackSpec::video()])
-        .await
-        .expect("pc");
+    let mut p = Publisher::new(
+        LOCALHOST,
+        "alice",
+        &[TrackSpec::audio(), TrackSpec::video()],
+    )
+    .await
+    .expect("pc");
     let offer = p.offer().await.expect("offer");
-    assert!(offer.len() < MAX_SDP - 100, "offer is {} bytes", offer.len());
+    assert!(
+        offer.len() < MAX_SDP - 100,
+        "offer is {} bytes",
+        offer.len()
+    );
     // Four m-lines: one over (two extra stopped sections).
     let extra = "m=video 0 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=inactive\r\n";
     refused(
@@ -121,7 +132,10 @@ async fn each_media_limit_refuses_one_over_and_a_real_offer_at_the_limits_carrie
         "media.max_mlines_per_offer",
     );
     // One byte over the size limit, then exactly at it.
-    refused(publish(padded(&offer, MAX_SDP + 1)).await, "media.max_sdp_bytes");
+    refused(
+        publish(padded(&offer, MAX_SDP + 1)).await,
+        "media.max_sdp_bytes",
+    );
     let r = publish(padded(&offer, MAX_SDP))
         .await
         .expect("an offer at the size and track limits is answered");

@@ -141,9 +141,13 @@ async fn spoofed_stun_flood_leaves_no_routes_and_cannot_misroute_a_real_client()
         .wait_event("participant_joined", WAIT, |d| d["user_id"] == "bob")
         .await
         .expect("bob joined");
-    let mut p = Publisher::new_at(trap_addr, "alice", &[TrackSpec::audio(), TrackSpec::video()])
-        .await
-        .expect("publisher on the spoofed address");
+    let mut p = Publisher::new_at(
+        trap_addr,
+        "alice",
+        &[TrackSpec::audio(), TrackSpec::video()],
+    )
+    .await
+    .expect("publisher on the spoofed address");
     let offer = p.offer().await.expect("offer");
     let r = alice
         .sig
@@ -183,7 +187,10 @@ async fn spoofed_stun_flood_leaves_no_routes_and_cannot_misroute_a_real_client()
     // And the spoofer still creates none while the call runs.
     let late = UdpSocket::bind("127.0.0.1:0").expect("bind");
     for i in 0..200 {
-        let _ = late.send_to(&binding_request(&format!("{:04x}late{i:08}:x", i % 2)), media);
+        let _ = late.send_to(
+            &binding_request(&format!("{:04x}late{i:08}:x", i % 2)),
+            media,
+        );
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(metric(&s, "switchboard_udp_routes").await, Some(routes));

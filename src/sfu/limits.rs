@@ -262,7 +262,8 @@ mod tests {
     };
 
     fn section(kind: &str, port: u16, dir: &str, cands: &[u16]) -> String {
-        let mut s = format!("m={kind} {port} UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na={dir}\r\n");
+        let mut s =
+            format!("m={kind} {port} UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na={dir}\r\n");
         for p in cands {
             s.push_str(&format!(
                 "a=candidate:1 1 udp 2130706431 127.0.0.1 {p} typ host\r\n"
@@ -293,7 +294,11 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("media.max_sdp_bytes"));
-        assert!(LIMITS.check_answer(&over, &CandidateSet::default()).is_err());
+        assert!(
+            LIMITS
+                .check_answer(&over, &CandidateSet::default())
+                .is_err()
+        );
         assert!(LIMITS.check_offer(&over, None).is_err());
     }
 
@@ -305,7 +310,9 @@ mod tests {
             section("video", 9, "inactive", &[]),
             section("video", 0, "sendonly", &[]),
         ]);
-        let s = LIMITS.check_offer(&at, None).expect("three m-lines are allowed");
+        let s = LIMITS
+            .check_offer(&at, None)
+            .expect("three m-lines are allowed");
         assert_eq!((s.mlines, s.sending), (3, 1));
         let over = offer(&[
             section("audio", 9, "recvonly", &[]),
@@ -330,7 +337,8 @@ mod tests {
         let over = offer(&[
             section("audio", 9, "sendrecv", &[]),
             section("video", 9, "sendonly", &[]),
-            section("video", 0, "sendonly", &[]).replace("a=sendonly", "a=sendonly\r\na=bundle-only"),
+            section("video", 0, "sendonly", &[])
+                .replace("a=sendonly", "a=sendonly\r\na=bundle-only"),
         ]);
         assert_eq!(
             LIMITS.check_offer(&over, None),

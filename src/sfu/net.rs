@@ -252,8 +252,7 @@ impl IoThread {
                 next_sweep = at + SWEEP_EVERY;
                 let expired = routes.expire(at);
                 if expired > 0 {
-                    metrics::counter!(crate::metrics::UDP_ROUTES_EXPIRED)
-                        .increment(expired as u64);
+                    metrics::counter!(crate::metrics::UDP_ROUTES_EXPIRED).increment(expired as u64);
                 }
             }
             if routes.len() != reported_len {

@@ -71,7 +71,8 @@ const MAX_MSGS_PER_ROUND: usize = 32;
 const INITIAL_BWE_KBPS: u64 = 2_500;
 /// Most source addresses one connection is reached from (one per client candidate its checks
 /// come from; browsers have a handful). Bounds the worker's address map and the I/O thread's
-/// routes per connection; checks from further addresses are not answered.
+/// routes per connection: str0m still answers checks from further addresses, but they get no
+/// route, so nothing but STUN from them reaches the connection.
 const MAX_ADDRS_PER_CONN: usize = 16;
 
 type ConnId = u64;
@@ -906,10 +907,7 @@ impl Worker {
         let known = existing
             .and_then(|id| self.conns.get(&id))
             .map(|c| &c.candidates);
-        let summary = self
-            .limits
-            .check_offer(offer, known)
-            .map_err(refused)?;
+        let summary = self.limits.check_offer(offer, known).map_err(refused)?;
         let offer =
             SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         let id = match existing {
