@@ -154,9 +154,15 @@ async fn spoofed_stun_flood_leaves_no_routes_and_cannot_misroute_a_real_client()
         .request("rtc_publish", json!({"call_id": call_id, "sdp": offer}))
         .await
         .expect("answer");
-    p.set_answer(r["sdp"].as_str().expect("sdp").to_owned())
-        .await
-        .expect("client takes answer");
+    let answer = r["sdp"].as_str().expect("sdp").to_owned();
+    // The server's real ufrag for alice's publisher connection: a spoofer may learn it (it is in
+    // the SDP), but not the password that signs a valid check.
+    let real_ufrag = answer
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
+        .expect("ufrag in the answer")
+        .to_owned();
+    p.set_answer(answer).await.expect("client takes answer");
     p.wait_connected(Duration::from_secs(10))
         .await
         .expect("alice's publisher connects from the address the spoofer used first");
@@ -191,6 +197,11 @@ async fn spoofed_stun_flood_leaves_no_routes_and_cannot_misroute_a_real_client()
             &binding_request(&format!("{:04x}late{i:08}:x", i % 2)),
             media,
         );
+    }
+    // Nor with the connection's real ufrag but no valid MESSAGE-INTEGRITY, from many sources.
+    for i in 0..200 {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let _ = sock.send_to(&binding_request(&format!("{real_ufrag}:spoof{i}")), media);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(metric(&s, "switchboard_udp_routes").await, Some(routes));
