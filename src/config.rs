@@ -218,6 +218,17 @@ pub struct MediaConfig {
     pub public_ips: Vec<IpAddr>,
     /// Media worker threads; 0 means one per core.
     pub workers: usize,
+    /// Most source addresses the media I/O thread routes (each confirmed by a connection's ICE
+    /// check); further ones are refused until some age out.
+    pub max_routes: usize,
+    /// Most tracks one participant may publish (sending audio/video m-lines of its offer).
+    pub max_tracks_per_participant: usize,
+    /// Most m-lines in one `rtc_publish` offer.
+    pub max_mlines_per_offer: usize,
+    /// Most distinct remote ICE candidates per peer connection (in SDP and trickled).
+    pub max_remote_candidates: usize,
+    /// Most bytes of an `rtc_publish` offer or `rtc_answer` answer.
+    pub max_sdp_bytes: usize,
 }
 
 impl Default for MediaConfig {
@@ -227,6 +238,11 @@ impl Default for MediaConfig {
             bind: IpAddr::from([127, 0, 0, 1]),
             public_ips: Vec::new(),
             workers: 0,
+            max_routes: 65_536,
+            max_tracks_per_participant: 8,
+            max_mlines_per_offer: 16,
+            max_remote_candidates: 32,
+            max_sdp_bytes: 65_536,
         }
     }
 }
@@ -416,6 +432,38 @@ impl Config {
         range("server.drain_timeout", self.server.drain_timeout, 0, 86_400)?;
         range("billing.checkpoint", self.billing.checkpoint, 1, 3600)?;
         range("storage.write_timeout", self.storage.write_timeout, 1, 60)?;
+        let md = &self.media;
+        range("media.max_routes", md.max_routes as u64, 64, 1 << 24)?;
+        range(
+            "media.max_tracks_per_participant",
+            md.max_tracks_per_participant as u64,
+            1,
+            256,
+        )?;
+        range(
+            "media.max_mlines_per_offer",
+            md.max_mlines_per_offer as u64,
+            1,
+            512,
+        )?;
+        if md.max_tracks_per_participant > md.max_mlines_per_offer {
+            return invalid(
+                "media.max_tracks_per_participant",
+                "must not exceed media.max_mlines_per_offer (each track needs an m-line)",
+            );
+        }
+        range(
+            "media.max_remote_candidates",
+            md.max_remote_candidates as u64,
+            1,
+            1024,
+        )?;
+        range(
+            "media.max_sdp_bytes",
+            md.max_sdp_bytes as u64,
+            1024,
+            1 << 20,
+        )?;
         if self.media.udp_port == 0 {
             // Port 0 is allowed: tests bind an ephemeral port and read it back.
         }
@@ -703,6 +751,36 @@ mod tests {
         let e = Config::from_toml_and_env("[webhooks]\nurls = [\"http://x\"]\n", "t", [])
             .expect_err("no key");
         assert!(e.to_string().starts_with("webhooks.signing_key"), "{e}");
+    }
+
+    #[test]
+    fn media_limits_are_bounded() {
+        for (toml, key) in [
+            ("max_routes = 10", "media.max_routes"),
+            (
+                "max_tracks_per_participant = 0",
+                "media.max_tracks_per_participant",
+            ),
+            ("max_mlines_per_offer = 0", "media.max_mlines_per_offer"),
+            ("max_remote_candidates = 0", "media.max_remote_candidates"),
+            ("max_sdp_bytes = 100", "media.max_sdp_bytes"),
+            ("max_sdp_bytes = 2000000", "media.max_sdp_bytes"),
+            (
+                "max_tracks_per_participant = 20\nmax_mlines_per_offer = 10",
+                "media.max_tracks_per_participant",
+            ),
+        ] {
+            let e = Config::from_toml_and_env(&format!("[media]\n{toml}\n"), "t", [])
+                .expect_err("out of range");
+            assert!(e.to_string().starts_with(key), "{toml}: {e}");
+        }
+        let c = Config::from_toml_and_env(
+            "[media]\nmax_tracks_per_participant = 2\nmax_sdp_bytes = 1024\n",
+            "t",
+            [],
+        )
+        .expect("valid");
+        assert_eq!(c.media.max_tracks_per_participant, 2);
     }
 
     #[test]

@@ -63,6 +63,10 @@ metrics! {
     Counter RTX = "switchboard_rtx_packets_total", "RTX retransmissions sent.";
     Counter LAYER_SWITCHES = "switchboard_layer_switches_total", "Simulcast layer switches.";
     Histogram PACKET_DWELL = "switchboard_packet_dwell_seconds", "Seconds a packet spends inside the server, receive to send.";
+    Gauge UDP_ROUTES = "switchboard_udp_routes", "Source addresses the media I/O thread routes to a worker, each confirmed by a connection's ICE check (at most [media] max_routes).";
+    Counter UDP_ROUTES_REFUSED = "switchboard_udp_routes_refused_total", "Confirmed media source addresses not routed because the table was full ([media] max_routes).";
+    Counter UDP_ROUTES_EXPIRED = "switchboard_udp_routes_expired_total", "Media routes dropped after 30 s without traffic.";
+    Counter MEDIA_LIMIT_REJECTIONS = "switchboard_media_limit_rejections_total", "rtc_publish, rtc_answer and rtc_candidate refused by a [media] limit, label `limit` (sdp_bytes, mlines, tracks, candidates).";
     // Billing.
     Counter BILLED_SECONDS = "switchboard_billed_seconds_total", "Billed seconds, label `tier`.";
     Gauge USERS_IN_TIER = "switchboard_users_in_tier", "Users currently metered in each tier, label `tier`.";

@@ -220,6 +220,16 @@ def build():
     L.add(series("Published video layers by resolution", [
         (f"sum by (class) (switchboard_layers_by_resolution{{{SEL}}})", "{{class}}"),
     ], stack=True), 12, 8)
+    L.add(series("UDP routes (source address to worker)", [
+        (f"sum(switchboard_udp_routes{{{SEL}}})", "routes"),
+        (rate("switchboard_udp_routes_refused_total"), "refused/s (table full)"),
+        (rate("switchboard_udp_routes_expired_total"), "expired/s"),
+    ], description="Addresses confirmed by an accepted ICE check; capped by [media] max_routes."),
+          12, 8)
+    L.add(series("Media signaling refused by a limit", [
+        (rate("switchboard_media_limit_rejections_total", "limit"), "{{limit}}"),
+    ], unit="ops", stack=True, description="rtc_publish / rtc_answer / rtc_candidate over a "
+                                           "[media] limit."), 12, 8)
 
     L.row("Billing")
     L.add(series("Billed minutes per minute, by tier", [

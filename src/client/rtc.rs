@@ -20,7 +20,7 @@
 //! gathering to complete.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -284,7 +284,7 @@ struct Pc {
 }
 
 async fn build_pc(
-    ip: IpAddr,
+    local: SocketAddr,
     tracks: Option<mpsc::UnboundedSender<Arc<dyn TrackRemote>>>,
     keyframes: Option<Arc<Mutex<HashMap<u32, u64>>>>,
 ) -> Result<Pc, ClientError> {
@@ -311,7 +311,7 @@ async fn build_pc(
         .with_media_engine(me)
         .with_interceptor_registry(registry)
         .with_handler(handler)
-        .with_udp_addrs(vec![format!("{ip}:0")])
+        .with_udp_addrs(vec![local.to_string()])
         .build()
         .await?;
     Ok(Pc {
@@ -376,8 +376,18 @@ impl Publisher {
         stream_id: &str,
         specs: &[TrackSpec],
     ) -> Result<Self, ClientError> {
+        Self::new_at(SocketAddr::new(ip, 0), stream_id, specs).await
+    }
+
+    /// Like [`Publisher::new`], bound to this local address (port 0: any), e.g. to reuse a port a
+    /// test sent other datagrams from.
+    pub async fn new_at(
+        local: SocketAddr,
+        stream_id: &str,
+        specs: &[TrackSpec],
+    ) -> Result<Self, ClientError> {
         let keyframes = Arc::new(Mutex::new(HashMap::new()));
-        let pc = build_pc(ip, None, Some(keyframes.clone())).await?;
+        let pc = build_pc(local, None, Some(keyframes.clone())).await?;
         let mut tracks = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
             let (codec, kind) = match spec.kind {
@@ -606,7 +616,7 @@ impl Subscriber {
     pub async fn new(ip: IpAddr) -> Result<Self, ClientError> {
         let (track_tx, mut track_rx) = mpsc::unbounded_channel::<Arc<dyn TrackRemote>>();
         let (pkt_tx, packets) = mpsc::unbounded_channel();
-        let pc = build_pc(ip, Some(track_tx), None).await?;
+        let pc = build_pc(SocketAddr::new(ip, 0), Some(track_tx), None).await?;
         tokio::spawn(async move {
             while let Some(track) = track_rx.recv().await {
                 let tx = pkt_tx.clone();

@@ -39,13 +39,16 @@
 //! datagram to the worker that owns its connection. A fixed set of worker threads
 //! (`[media] workers`, default one per core) each own whole rooms (a room lives on the worker
 //! its call ID hashes to), with every `Rtc` of those rooms, so forwarding between a publisher
-//! and its subscribers never crosses a thread or takes a lock. Routing: the I/O thread keeps
-//! a source-address → worker table that it alone writes. An unknown address is routed only by
-//! a STUN binding request, whose USERNAME starts with the server's ufrag; the server chooses
-//! each ufrag to begin with the worker's index in hex, so routing needs no shared map. The
-//! worker then finds the `Rtc` by ufrag, checks `Rtc::accepts`, and learns the address. Workers
-//! tell the I/O thread to forget addresses of closed connections. Workers send with `sendmmsg`
-//! on the shared socket, one batch per poll round.
+//! and its subscribers never crosses a thread or takes a lock. Routing (`routes`): a STUN
+//! binding request goes to the worker named by its USERNAME, which starts with the server's
+//! ufrag; the server chooses each ufrag to begin with the worker's index in hex, so routing
+//! needs no shared map, and routing a request stores nothing. The worker finds the `Rtc` by
+//! ufrag and checks `Rtc::accepts` (ufrags and MESSAGE-INTEGRITY); only then does it learn the
+//! address (at most 16 per connection) and tell the I/O thread, whose source-address → worker
+//! table routes everything else (DTLS, SRTP). That table is written only from those reports,
+//! capped at `[media] max_routes`, cleared of closed connections' addresses by their worker and
+//! of addresses silent for 30 s. Workers send with `sendmmsg` on the shared socket, one batch
+//! per poll round.
 //!
 //! The alternative, one socket per worker with `SO_REUSEPORT`, would spread the kernel work but
 //! the kernel hashes by 4-tuple, not by room, so datagrams would still need a hop; with one port
@@ -94,9 +97,14 @@
 //! - Only Opus, VP8, VP9, H.264 and AV1 are negotiated. Keyframe detection and resolution
 //!   measurement come from [`crate::codec`]; until a layer is measured its billing resolution
 //!   is 0×0 and it does not satisfy a resolution cap.
+//! - What one participant may make the engine hold is bounded by `[media]` keys, checked before
+//!   str0m parses anything (`limits`): SDP bytes, m-lines per offer, tracks, distinct remote
+//!   candidates per connection. Over a limit is [`SfuError::Limit`] (`bad_request`).
 //! - Dropping the last [`Sfu`] handle does not stop the threads; call [`Sfu::shutdown`].
 
+mod limits;
 mod net;
+mod routes;
 mod worker;
 
 pub mod forwarder;
@@ -324,6 +332,10 @@ pub enum SfuError {
     /// The candidate could not be parsed.
     #[error("bad candidate: {0}")]
     BadCandidate(String),
+    /// The SDP or candidate is over one of the `[media]` limits (size, m-lines, tracks, remote
+    /// candidates); the message names the limit. Nothing was changed.
+    #[error("{0}")]
+    Limit(String),
     /// No such track in the room.
     #[error("unknown track")]
     UnknownTrack,
@@ -343,7 +355,9 @@ impl SfuError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::NotJoined | Self::NoOfferPending => "invalid_state",
-            Self::BadSdp(_) | Self::BadCandidate(_) | Self::UnknownTrack => "bad_request",
+            Self::BadSdp(_) | Self::BadCandidate(_) | Self::Limit(_) | Self::UnknownTrack => {
+                "bad_request"
+            }
             Self::Unavailable | Self::Io(_) | Self::Internal => "internal",
         }
     }
@@ -434,6 +448,8 @@ pub struct Counters {
     pub datagrams_out: AtomicU64,
     /// UDP datagrams received.
     pub datagrams_in: AtomicU64,
+    /// Source addresses the I/O thread currently routes to a worker (a level, not a count).
+    pub udp_routes: AtomicU64,
     /// Packet dwell (arrival → handed to `sendmmsg`), counts per bucket of [`DWELL_BOUNDS_US`]
     /// (the last bucket is everything above).
     pub dwell: [AtomicU64; DWELL_BUCKETS],
@@ -467,6 +483,8 @@ pub struct CountersSnapshot {
     pub datagrams_out: u64,
     /// See [`Counters::datagrams_in`].
     pub datagrams_in: u64,
+    /// See [`Counters::udp_routes`].
+    pub udp_routes: u64,
     /// See [`Counters::dwell`].
     pub dwell: [u64; DWELL_BUCKETS],
 }
@@ -507,6 +525,7 @@ impl Counters {
             layer_switches: r(&self.layer_switches),
             datagrams_out: r(&self.datagrams_out),
             datagrams_in: r(&self.datagrams_in),
+            udp_routes: r(&self.udp_routes),
             dwell: std::array::from_fn(|i| self.dwell.get(i).map_or(0, r)),
         }
     }
@@ -630,6 +649,7 @@ impl Sfu {
                 io_tx: io_tx.clone(),
                 counters: counters.clone(),
                 backlog,
+                limits: limits::MediaLimits::from_config(cfg),
             });
             let handle = std::thread::Builder::new()
                 .name(format!("sfu-worker-{idx}"))
@@ -645,6 +665,7 @@ impl Sfu {
             control: io_rx,
             stop: stop.clone(),
             counters: counters.clone(),
+            max_routes: cfg.max_routes,
         };
         threads.push(
             std::thread::Builder::new()
@@ -898,6 +919,7 @@ mod tests {
     #[test]
     fn errors_map_to_protocol_codes() {
         assert_eq!(SfuError::NotJoined.code(), "invalid_state");
+        assert_eq!(SfuError::Limit("x".into()).code(), "bad_request");
         assert_eq!(SfuError::BadSdp("x".into()).code(), "bad_request");
         assert_eq!(SfuError::UnknownTrack.code(), "bad_request");
         assert_eq!(SfuError::Internal.code(), "internal");

@@ -1,12 +1,14 @@
 //! The one UDP socket: binding, host candidates, the I/O thread (batched `recvmmsg` and routing
 //! to workers) and batched `sendmmsg`.
 //!
-//! Routing invariant: the I/O thread alone owns the address → worker table. It learns an entry
-//! only from a STUN binding request whose USERNAME names a server ufrag (which starts with the
-//! owning worker's index in four hex digits), and forgets one when a worker says so. Anything
-//! else from an unknown address is dropped.
+//! Routing invariant: the I/O thread alone owns the address → worker table
+//! ([`super::routes::RouteTable`]). A STUN binding request is routed by the server ufrag in its
+//! USERNAME (which starts with the owning worker's index in four hex digits) and writes nothing;
+//! an entry is learned only when a worker reports that a connection accepted a binding request
+//! from that address ([`IoMsg::Learn`]), and forgotten when the worker closes the connection
+//! ([`IoMsg::Forget`]) or after [`super::routes::ROUTE_IDLE`] without traffic. Anything else from
+//! an unknown address is dropped.
 
-use std::collections::HashMap;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::routes::{Confirmed, ROUTE_IDLE, RouteTable};
 use super::{Counters, WorkerMsg};
 use crate::config::MediaConfig;
 use crate::mmsg::sockaddr_to_std;
@@ -29,10 +32,19 @@ const MAX_DATAGRAM: usize = 2048;
 /// Batches a worker may have queued before the I/O thread drops new ones for it.
 const MAX_BACKLOG: u64 = 256;
 
+/// How often the I/O thread drops idle routes.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// Messages to the I/O thread.
 pub(crate) enum IoMsg {
-    /// Forget these source addresses (their connection closed).
-    Forget(Vec<SocketAddr>),
+    /// A connection of `worker` accepted a binding request from `addr` (ufrag and
+    /// MESSAGE-INTEGRITY checked): route that address's datagrams there.
+    Learn { worker: usize, addr: SocketAddr },
+    /// `worker` closed the connection that used these source addresses.
+    Forget {
+        worker: usize,
+        addrs: Vec<SocketAddr>,
+    },
 }
 
 /// Datagrams for one worker from one `recvmmsg` round, in one buffer.
@@ -168,16 +180,21 @@ pub(crate) struct IoThread {
     pub control: mpsc::Receiver<IoMsg>,
     pub stop: Arc<AtomicBool>,
     pub counters: Arc<Counters>,
+    /// Most routes held (`[media] max_routes`).
+    pub max_routes: usize,
 }
 
 impl IoThread {
     pub(crate) fn run(self) {
         let fd = self.socket.as_raw_fd();
         let mut bufs = vec![[0u8; MAX_DATAGRAM]; RECV_BATCH];
-        let mut routes: HashMap<SocketAddr, usize> = HashMap::new();
         let n_workers = self.workers.len();
+        let mut routes = RouteTable::new(n_workers, self.max_routes, ROUTE_IDLE);
+        let mut next_sweep = Instant::now() + SWEEP_EVERY;
+        let mut reported_len = 0usize;
         let mut unroutable = 0u64;
         let mut dropped_backlog = 0u64;
+        metrics::gauge!(crate::metrics::UDP_ROUTES).set(0.0);
         while !self.stop.load(Ordering::Relaxed) {
             // SAFETY: plain data, zero is valid.
             let mut addrs: [libc::sockaddr_storage; RECV_BATCH] = unsafe { std::mem::zeroed() };
@@ -210,19 +227,44 @@ impl IoThread {
                     std::ptr::null_mut(),
                 )
             };
+            let at = Instant::now();
+            // Before routing this batch: a worker reports an accepted binding request before the
+            // response leaves the server, so the peer's next datagrams (DTLS) find the route.
+            let mut refused = 0u64;
             while let Ok(msg) = self.control.try_recv() {
                 match msg {
-                    IoMsg::Forget(list) => {
-                        for a in list {
-                            routes.remove(&a);
+                    IoMsg::Learn { worker, addr } => {
+                        if routes.confirm(addr, worker, at) == Confirmed::Full {
+                            refused += 1;
+                        }
+                    }
+                    IoMsg::Forget { worker, addrs } => {
+                        for a in addrs {
+                            routes.forget(a, worker);
                         }
                     }
                 }
             }
+            if refused > 0 {
+                metrics::counter!(crate::metrics::UDP_ROUTES_REFUSED).increment(refused);
+            }
+            if at >= next_sweep {
+                next_sweep = at + SWEEP_EVERY;
+                let expired = routes.expire(at);
+                if expired > 0 {
+                    metrics::counter!(crate::metrics::UDP_ROUTES_EXPIRED).increment(expired as u64);
+                }
+            }
+            if routes.len() != reported_len {
+                reported_len = routes.len();
+                metrics::gauge!(crate::metrics::UDP_ROUTES).set(reported_len as f64);
+                self.counters
+                    .udp_routes
+                    .store(reported_len as u64, Ordering::Relaxed);
+            }
             if n <= 0 {
                 continue;
             }
-            let at = Instant::now();
             let n = n as usize;
             self.counters
                 .datagrams_in
@@ -236,20 +278,7 @@ impl IoThread {
                     continue;
                 };
                 let data = &bufs[i][..len];
-                let worker = match routes.get(&src) {
-                    Some(w) => Some(*w),
-                    None if is_stun(data) => {
-                        let w = stun_local_ufrag(data)
-                            .and_then(worker_of_ufrag)
-                            .filter(|w| *w < n_workers);
-                        if let Some(w) = w {
-                            routes.insert(src, w);
-                        }
-                        w
-                    }
-                    None => None,
-                };
-                let Some(w) = worker else {
+                let Some(w) = routes.route(src, data, at) else {
                     unroutable += 1;
                     continue;
                 };

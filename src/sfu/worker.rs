@@ -30,6 +30,7 @@ use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
 use super::forwarder::{Decision, DropReason, Forwarder, MediaKind, PacketInfo};
 use super::keyframe::KeyframeThrottle;
 use super::layers::{Cap, LayerSelector, LayerState};
+use super::limits::{CandidateSet, LimitError, MediaLimits, candidate_key};
 use super::net::{self, DatagramBatch, IoMsg};
 use super::rewriter::{RtpIn, RtpRewriter, Vp8Munger};
 use super::speakers::SpeakerDetector;
@@ -68,6 +69,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_MSGS_PER_ROUND: usize = 32;
 /// Starting bandwidth estimate for subscriber connections.
 const INITIAL_BWE_KBPS: u64 = 2_500;
+/// Most source addresses one connection is reached from (one per client candidate its checks
+/// come from; browsers have a handful). Bounds the worker's address map and the I/O thread's
+/// routes per connection: str0m still answers checks from further addresses, but they get no
+/// route, so nothing but STUN from them reaches the connection.
+const MAX_ADDRS_PER_CONN: usize = 16;
 
 type ConnId = u64;
 
@@ -79,6 +85,7 @@ pub(crate) struct WorkerInit {
     pub io_tx: mpsc::Sender<IoMsg>,
     pub counters: Arc<Counters>,
     pub backlog: Arc<AtomicU64>,
+    pub limits: MediaLimits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +110,8 @@ struct Conn {
     ssrc_map: HashMap<Ssrc, (TrackId, usize)>,
     /// Subscriber: cumulative egress stats per mid, for NACK/RTX deltas.
     egress: HashMap<Mid, (u64, u64)>,
+    /// The distinct remote candidates the client gave (SDP and trickled), bounded.
+    candidates: CandidateSet,
 }
 
 struct Layer {
@@ -255,6 +264,7 @@ pub(crate) struct Worker {
     io_tx: mpsc::Sender<IoMsg>,
     counters: Arc<Counters>,
     backlog: Arc<AtomicU64>,
+    limits: MediaLimits,
     conns: HashMap<ConnId, Conn>,
     next_conn: ConnId,
     by_addr: HashMap<SocketAddr, ConnId>,
@@ -340,6 +350,7 @@ impl Worker {
             io_tx: init.io_tx,
             counters: init.counters,
             backlog: init.backlog,
+            limits: init.limits,
             conns: HashMap::new(),
             next_conn: 1,
             by_addr: HashMap::new(),
@@ -451,12 +462,16 @@ impl Worker {
                     contents,
                 },
             );
-            let id = match self.by_addr.get(&src) {
-                Some(id) => Some(*id),
-                None if net::is_stun(data) => net::stun_local_ufrag(data)
-                    .and_then(|u| self.by_ufrag.get(u))
-                    .copied(),
-                None => None,
+            // A binding request names its connection by ufrag, wherever it comes from (the I/O
+            // thread routed it that way too); everything else is known by its source address.
+            let request_ufrag = if net::is_stun(data) {
+                net::stun_local_ufrag(data)
+            } else {
+                None
+            };
+            let id = match request_ufrag {
+                Some(u) => self.by_ufrag.get(u).copied(),
+                None => self.by_addr.get(&src).copied(),
             };
             let Some(id) = id else {
                 continue;
@@ -464,6 +479,8 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(&id) else {
                 continue;
             };
+            // For a binding request this checks the ufrags and the MESSAGE-INTEGRITY against
+            // the connection's password: only a peer that was given the credentials passes.
             if conn.dead || !conn.rtc.accepts(&input) {
                 continue;
             }
@@ -473,9 +490,27 @@ impl Worker {
                 continue;
             }
             conn.last_rx = b.at;
-            if let std::collections::hash_map::Entry::Vacant(e) = self.by_addr.entry(src) {
-                e.insert(id);
-                conn.addrs.push(src);
+            if request_ufrag.is_some() {
+                let known = match self.by_addr.entry(src) {
+                    std::collections::hash_map::Entry::Occupied(_) => true,
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        if conn.addrs.len() < MAX_ADDRS_PER_CONN {
+                            e.insert(id);
+                            conn.addrs.push(src);
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                };
+                // Confirm (or refresh) the route before the response leaves in this round's
+                // sendmmsg, so the peer's next datagrams find it.
+                if known {
+                    let _ = self.io_tx.send(IoMsg::Learn {
+                        worker: self.idx,
+                        addr: src,
+                    });
+                }
             }
             drain(id, conn, &mut self.out, &mut self.events);
         }
@@ -627,6 +662,7 @@ impl Worker {
                 dead: false,
                 ssrc_map: HashMap::new(),
                 egress: HashMap::new(),
+                candidates: CandidateSet::default(),
             },
         );
         id
@@ -646,7 +682,10 @@ impl Worker {
             self.by_addr.remove(a);
         }
         if !conn.addrs.is_empty() {
-            let _ = self.io_tx.send(IoMsg::Forget(conn.addrs));
+            let _ = self.io_tx.send(IoMsg::Forget {
+                worker: self.idx,
+                addrs: conn.addrs,
+            });
         }
     }
 
@@ -866,6 +905,10 @@ impl Worker {
             .and_then(|r| r.participants.get(user))
             .ok_or(SfuError::NotJoined)?
             .publisher;
+        let known = existing
+            .and_then(|id| self.conns.get(&id))
+            .map(|c| &c.candidates);
+        let summary = self.limits.check_offer(offer, known).map_err(refused)?;
         let offer =
             SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         let id = match existing {
@@ -888,6 +931,7 @@ impl Worker {
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        conn.candidates.add(summary.candidates);
         drain(id, conn, &mut self.out, &mut self.events);
         Ok(answer.to_sdp_string())
     }
@@ -896,8 +940,16 @@ impl Worker {
         let room = self.rooms.get_mut(room_id).ok_or(SfuError::NotJoined)?;
         let p = room.participants.get_mut(user).ok_or(SfuError::NotJoined)?;
         let sub = p.subscriber.ok_or(SfuError::NoOfferPending)?;
-        let pending = p.pending_offer.take().ok_or(SfuError::NoOfferPending)?;
+        if p.pending_offer.is_none() {
+            return Err(SfuError::NoOfferPending);
+        }
         let conn = self.conns.get_mut(&sub).ok_or(SfuError::Internal)?;
+        // Over a limit, the offer stays outstanding: the client may answer again.
+        let summary = self
+            .limits
+            .check_answer(answer, &conn.candidates)
+            .map_err(refused)?;
+        let pending = p.pending_offer.take().ok_or(SfuError::NoOfferPending)?;
         let parsed = match SdpAnswer::from_sdp_string(answer) {
             Ok(a) => a,
             Err(e) => {
@@ -909,6 +961,7 @@ impl Worker {
         let accepted = conn.rtc.sdp_api().accept_answer(pending, parsed);
         let result = match accepted {
             Ok(()) => {
+                conn.candidates.add(summary.candidates);
                 for c in p.consumers.values_mut() {
                     if c.ssrc.is_none() {
                         let mut api = conn.rtc.direct_api();
@@ -965,9 +1018,16 @@ impl Worker {
             // End-of-candidates marker.
             return Ok(());
         }
+        let conn = self.conns.get_mut(&id).ok_or(SfuError::Internal)?;
+        let key = candidate_key(line);
+        if let Some(k) = &key {
+            conn.candidates
+                .check(std::slice::from_ref(k), self.limits.max_candidates)
+                .map_err(refused)?;
+        }
         let c =
             Candidate::from_sdp_string(line).map_err(|e| SfuError::BadCandidate(e.to_string()))?;
-        let conn = self.conns.get_mut(&id).ok_or(SfuError::Internal)?;
+        conn.candidates.add(key);
         conn.rtc.add_remote_candidate(c);
         drain(id, conn, &mut self.out, &mut self.events);
         Ok(())
@@ -1937,6 +1997,13 @@ impl Worker {
                 .collect(),
         }
     }
+}
+
+/// A request refused by a `[media]` limit: counted, and answered `bad_request` with the limit's
+/// name in the message.
+fn refused(e: LimitError) -> SfuError {
+    metrics::counter!(m::MEDIA_LIMIT_REJECTIONS, "limit" => e.label()).increment(1);
+    SfuError::Limit(e.to_string())
 }
 
 fn count(name: &'static str, n: u64) {

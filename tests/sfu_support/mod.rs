@@ -58,6 +58,7 @@ pub fn start(workers: usize) -> (Sfu, Arc<Collector>) {
         bind: LOCALHOST,
         public_ips: vec![],
         workers,
+        ..MediaConfig::default()
     };
     let sink = Arc::new(Collector::default());
     let sfu = Sfu::start(&cfg, sink.clone()).expect("sfu starts");
