@@ -169,6 +169,10 @@ def build():
     L.add(series("Sessions closed by the server", [
         (rate("switchboard_sessions_closed_total", "reason"), "{{reason}}"),
     ], unit="ops", stack=True), 6, 8)
+    L.add(series("Sessions refused at admission", [
+        (rate("switchboard_sessions_refused_total", "cap"), "{{cap}}"),
+    ], unit="ops", stack=True, description="WebSocket upgrades refused by a [sessions] cap or the "
+                                           "upgrade rate."), 12, 8)
 
     L.row("Storage")
     L.add(series("Storage batch commit time", [
@@ -186,6 +190,16 @@ def build():
     L.add(series("Storage errors", [
         (rate("switchboard_storage_errors_total", "op"), "{{op}}"),
     ], unit="ops"), 6, 8)
+    L.add(series("Storage up", [
+        (f"min(switchboard_storage_up{{{SEL}}})", "up"),
+    ], description="1 while the store takes writes; 0 while writes fail (replies are `unavailable`)."),
+        8, 8)
+    L.add(series("Changes undone because storage failed", [
+        (rate("switchboard_storage_rollbacks_total"), "rolled back/s"),
+    ], unit="ops"), 8, 8)
+    L.add(series("Writes given up", [
+        (rate("switchboard_storage_dropped_total", "what"), "{{what}}"),
+    ], unit="ops", stack=True), 8, 8)
 
     L.row("Media")
     L.add(series("Rooms, participants, tracks", [
