@@ -30,6 +30,9 @@ pub enum AuthError {
     /// The signature does not match the configured secret, or the algorithm is not HS256.
     #[error("access token signature invalid")]
     BadSignature,
+    /// The token lives longer than `[auth] max_token_ttl` allows.
+    #[error("access token lifetime exceeds the server's maximum of {0} s")]
+    TooLong(u64),
     /// The token is not a well-formed JWT with valid claims.
     #[error("malformed access token: {0}")]
     Malformed(String),
@@ -73,6 +76,8 @@ pub struct TokenAuthority {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    /// Longest accepted lifetime, seconds (`[auth] max_token_ttl`); `None` accepts any.
+    max_ttl: Option<u64>,
 }
 
 impl std::fmt::Debug for TokenAuthority {
@@ -92,7 +97,15 @@ impl TokenAuthority {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             decoding: DecodingKey::from_secret(secret.as_bytes()),
             validation,
+            max_ttl: None,
         }
+    }
+
+    /// Refuses tokens whose `exp` is more than `secs` after their `iat` or after the time of
+    /// verification (a token without `iat` is judged by the second alone).
+    pub fn with_max_ttl(mut self, secs: u64) -> Self {
+        self.max_ttl = Some(secs);
+        self
     }
 
     /// A token for `user` valid for `ttl_secs` from `now_secs`.
@@ -119,6 +132,15 @@ impl TokenAuthority {
 
     /// Verifies a token and returns who it names.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.verify_at(token, now)
+    }
+
+    /// [`verify`](Self::verify) with the lifetime cap judged at `now_secs` (`exp` and `nbf` are
+    /// checked against the system clock by the JWT library).
+    pub fn verify_at(&self, token: &str, now_secs: u64) -> Result<Identity, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
@@ -130,6 +152,13 @@ impl TokenAuthority {
                 _ => AuthError::Malformed(e.to_string()),
             })?;
         let claims = data.claims;
+        if let Some(max) = self.max_ttl {
+            let from_now = claims.exp.saturating_sub(now_secs);
+            let from_iat = claims.iat.map_or(0, |iat| claims.exp.saturating_sub(iat));
+            if from_now > max || from_iat > max {
+                return Err(AuthError::TooLong(max));
+            }
+        }
         let user_id =
             UserId::parse(&claims.sub).map_err(|e| AuthError::Malformed(format!("sub {e}")))?;
         if let Some(name) = &claims.name
@@ -233,6 +262,35 @@ mod tests {
         )
         .expect("encodes");
         assert!(matches!(a.verify(&t), Err(AuthError::BadSignature)));
+    }
+
+    #[test]
+    fn tokens_living_longer_than_the_cap_are_refused() {
+        let key = EncodingKey::from_secret(b"k");
+        let a = TokenAuthority::new("k").with_max_ttl(3600);
+        let now = now();
+        let sign = |c: serde_json::Value| {
+            jsonwebtoken::encode(&Header::default(), &c, &key).expect("encodes")
+        };
+        // Exactly the cap is fine; one second more is not, judged from iat or from now.
+        let ok = a.issue(&alice(), None, false, now, 3600);
+        assert!(a.verify_at(&ok, now).is_ok());
+        let long = a.issue(&alice(), None, false, now, 3601);
+        assert!(matches!(
+            a.verify_at(&long, now),
+            Err(AuthError::TooLong(3600))
+        ));
+        let no_iat = sign(serde_json::json!({"sub": "alice", "exp": now + 7200}));
+        assert!(matches!(
+            a.verify_at(&no_iat, now),
+            Err(AuthError::TooLong(_))
+        ));
+        assert!(a.verify_at(&no_iat, now + 3600).is_ok(), "judged from now");
+        // An old iat with a far exp: a long-lived token, even when little of it is left.
+        let old = sign(serde_json::json!({"sub": "alice", "iat": now - 86_400, "exp": now + 60}));
+        assert!(matches!(a.verify_at(&old, now), Err(AuthError::TooLong(_))));
+        // Without a cap (clients, tests) any lifetime verifies.
+        assert!(TokenAuthority::new("k").verify_at(&long, now).is_ok());
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub enum ConfigError {
 pub struct Config {
     /// HTTP and WebSocket listener.
     pub server: ServerConfig,
+    /// HTTP connection timeouts and caps.
+    pub http: HttpConfig,
     /// Token verification.
     pub auth: AuthConfig,
     /// Call invitation rules and session limits.
@@ -82,12 +84,52 @@ impl Default for ServerConfig {
     }
 }
 
+/// `[http]`: what one TCP connection may hold of the server, and for how long.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Seconds a connection has to send a complete request head, counted from when the server starts
+    /// waiting for it: the connection's opening, or the end of the previous response (so it is also
+    /// how long a kept-alive connection may sit between requests).
+    pub header_read_timeout: u64,
+    /// Seconds an HTTP connection may go without a byte moving either way while a request body is
+    /// read or a response written. Upgraded WebSockets are governed by the heartbeat instead.
+    pub idle_timeout: u64,
+    /// Most TCP connections open at once, WebSocket sessions included; beyond it a new connection is
+    /// answered 503 and closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: 10,
+            idle_timeout: 60,
+            max_connections: 50_000,
+        }
+    }
+}
+
+/// Shortest `[auth] secret` outside dev mode, in bytes.
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// `[auth]`
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// HS256 secret for access tokens. Required unless `--dev`.
+    /// HS256 secret for access tokens. Required unless `--dev`, at least [`MIN_SECRET_BYTES`].
     pub secret: String,
+    /// Longest lifetime, in seconds, a token may have (`exp` - `iat`, and `exp` - now).
+    pub max_token_ttl: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            secret: String::new(),
+            max_token_ttl: 86_400,
+        }
+    }
 }
 
 /// What the server does when a busy user is invited or invites (PROTOCOL.md 3.4).
@@ -289,13 +331,28 @@ impl Default for BillingConfig {
 }
 
 /// `[webhooks]`
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhooksConfig {
     /// Receivers; every event goes to each.
     pub urls: Vec<String>,
     /// HMAC-SHA256 key for the signature header. Required when `urls` is not empty.
     pub signing_key: String,
+    /// Failed deliveries of one event to one receiver before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Seconds after its creation an undelivered event is dead-lettered.
+    pub max_age: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            signing_key: String::new(),
+            max_attempts: 100,
+            max_age: 86_400,
+        }
+    }
 }
 
 /// Log line format.
@@ -464,6 +521,28 @@ impl Config {
             1024,
             1 << 20,
         )?;
+        let h = &self.http;
+        range("http.header_read_timeout", h.header_read_timeout, 1, 3600)?;
+        range("http.idle_timeout", h.idle_timeout, 1, 86_400)?;
+        range(
+            "http.max_connections",
+            h.max_connections as u64,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "auth.max_token_ttl",
+            self.auth.max_token_ttl,
+            60,
+            366 * 86_400,
+        )?;
+        range(
+            "webhooks.max_attempts",
+            u64::from(self.webhooks.max_attempts),
+            1,
+            100_000,
+        )?;
+        range("webhooks.max_age", self.webhooks.max_age, 60, 90 * 86_400)?;
         if self.media.udp_port == 0 {
             // Port 0 is allowed: tests bind an ephemeral port and read it back.
         }
@@ -520,6 +599,49 @@ impl Config {
         Ok(())
     }
 
+    /// The rules of `serve` about the secret and dev mode, checked once `--dev` is known (the file alone
+    /// cannot say): outside dev mode the secret must be at least [`MIN_SECRET_BYTES`]; in dev mode a
+    /// configured secret other than the public dev secret is refused (dev tokens would be signed with
+    /// it), and so is a listen address other than loopback unless `allow_remote`.
+    pub fn check_mode(&self, dev: bool, allow_remote: bool) -> Result<(), ConfigError> {
+        let secret = &self.auth.secret;
+        if dev {
+            if !secret.is_empty() && secret != crate::auth::DEV_SECRET {
+                return invalid(
+                    "auth.secret",
+                    "--dev serves POST /v1/dev/token, which would sign tokens for anyone with this \
+                     secret: unset the secret for development, or leave out --dev",
+                );
+            }
+            if !self.server.listen.ip().is_loopback() && !allow_remote {
+                return invalid(
+                    "server.listen",
+                    &format!(
+                        "--dev listens only on a loopback address (127.0.0.1, ::1), not {}: \
+                         anyone who reaches it gets tokens; add --dev-allow-remote to do it anyway",
+                        self.server.listen
+                    ),
+                );
+            }
+        } else if secret.is_empty() {
+            return invalid(
+                "auth.secret",
+                "not set: set SWITCHBOARD_AUTH_SECRET or [auth] secret in the config file (or run \
+                 with --dev for local development)",
+            );
+        } else if secret.len() < MIN_SECRET_BYTES {
+            return invalid(
+                "auth.secret",
+                &format!(
+                    "must be at least {MIN_SECRET_BYTES} bytes, got {}: generate one with \
+                     `openssl rand -hex 32`",
+                    secret.len()
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// The number of media workers to run.
     pub fn media_workers(&self) -> usize {
         if self.media.workers > 0 {
@@ -547,6 +669,7 @@ fn invalid<T>(key: &str, message: &str) -> Result<T, ConfigError> {
 /// Sections, so that `SWITCHBOARD_SIGNALING_BUSY_POLICY` splits into `signaling` and `busy_policy`.
 const SECTIONS: &[&str] = &[
     "server",
+    "http",
     "auth",
     "signaling",
     "sessions",
@@ -781,6 +904,54 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.media.max_tracks_per_participant, 2);
+    }
+
+    #[test]
+    fn the_secret_and_dev_mode_are_checked_together() {
+        let mut c = Config::default();
+        let e = c.check_mode(false, false).expect_err("no secret");
+        assert!(e.to_string().starts_with("auth.secret: not set"), "{e}");
+        c.auth.secret = "integration-test-secret".into();
+        let e = c.check_mode(false, false).expect_err("23 bytes");
+        assert!(e.to_string().contains("at least 32 bytes, got 23"), "{e}");
+        c.auth.secret = "x".repeat(32);
+        c.check_mode(false, false).expect("32 bytes");
+        // Dev mode with a real secret: refused.
+        let e = c.check_mode(true, true).expect_err("dev with a secret");
+        assert!(e.to_string().contains("/v1/dev/token"), "{e}");
+        c.auth.secret.clear();
+        c.check_mode(true, false).expect("dev on loopback");
+        c.auth.secret = crate::auth::DEV_SECRET.into();
+        c.check_mode(true, false)
+            .expect("the public dev secret itself");
+        c.server.listen = "0.0.0.0:7880".parse().expect("addr");
+        let e = c.check_mode(true, false).expect_err("dev on 0.0.0.0");
+        assert!(e.to_string().contains("--dev-allow-remote"), "{e}");
+        c.check_mode(true, true).expect("explicitly allowed");
+        c.server.listen = "[::1]:7880".parse().expect("addr");
+        c.check_mode(true, false).expect("::1 is loopback");
+    }
+
+    #[test]
+    fn http_auth_and_webhook_limits_are_bounded() {
+        for (text, key) in [
+            (
+                "[http]\nheader_read_timeout = 0\n",
+                "http.header_read_timeout",
+            ),
+            ("[http]\nidle_timeout = 0\n", "http.idle_timeout"),
+            ("[http]\nmax_connections = 0\n", "http.max_connections"),
+            ("[auth]\nmax_token_ttl = 10\n", "auth.max_token_ttl"),
+            ("[webhooks]\nmax_attempts = 0\n", "webhooks.max_attempts"),
+            ("[webhooks]\nmax_age = 1\n", "webhooks.max_age"),
+        ] {
+            let e = Config::from_toml_and_env(text, "t", []).expect_err(key);
+            assert!(e.to_string().starts_with(key), "{e}");
+        }
+        let c =
+            Config::from_toml_and_env("", "t", env(&[("SWITCHBOARD_HTTP_MAX_CONNECTIONS", "7")]))
+                .expect("valid");
+        assert_eq!(c.http.max_connections, 7);
     }
 
     #[test]

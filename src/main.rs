@@ -30,6 +30,10 @@ struct ConfigArgs {
     /// POST /v1/dev/token. Never use it for a server others can reach.
     #[arg(long)]
     dev: bool,
+    /// With --dev: allow a listen address other than loopback (127.0.0.1, ::1). Anyone who reaches
+    /// the server can then mint tokens for any user.
+    #[arg(long, requires = "dev")]
+    dev_allow_remote: bool,
 }
 
 #[derive(Subcommand)]
@@ -165,18 +169,16 @@ struct LoadtestArgs {
     idle: usize,
 }
 
-fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+/// The configuration for `serve` (`serving`: the listen address matters) or `token`.
+fn load_config(args: &ConfigArgs, serving: bool) -> anyhow::Result<Config> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    // A short secret, --dev with a real secret, --dev on a non-loopback address: refused.
+    config
+        .check_mode(args.dev, args.dev_allow_remote || !serving)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     if args.dev {
-        if config.auth.secret.is_empty() {
-            config.auth.secret = DEV_SECRET.to_owned();
-        }
-    } else if config.auth.secret.is_empty() {
-        bail!(
-            "auth.secret is not set: set SWITCHBOARD_AUTH_SECRET or [auth] secret in the config file \
-             (or run with --dev for local development)"
-        );
+        config.auth.secret = DEV_SECRET.to_owned();
     }
     Ok(config)
 }
@@ -200,7 +202,7 @@ fn init_logging(config: &Config) {
 }
 
 async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
-    let config = load_config(&args)?;
+    let config = load_config(&args, true)?;
     init_logging(&config);
     for name in switchboard::config::ignored_env(std::env::vars()) {
         tracing::warn!(variable = %name, "ignoring an environment variable that names no configuration section");
@@ -211,7 +213,7 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
     let local = listener.local_addr()?;
     if args.dev {
-        print_dev_banner(&local.to_string());
+        print_dev_banner(&local.to_string(), args.dev_allow_remote);
     }
     let server = Server::start(config, Options { dev: args.dev }).await?;
     tracing::info!(http = %local, "switchboard is serving");
@@ -220,7 +222,13 @@ async fn serve(args: ConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_dev_banner(addr: &str) {
+fn print_dev_banner(addr: &str, remote: bool) {
+    if remote {
+        eprintln!(
+            "\n  --dev-allow-remote: this development server listens on {addr}, beyond loopback.\n  \
+             Anyone who reaches it can mint tokens for any user at POST /v1/dev/token."
+        );
+    }
     eprintln!(
         "\n  ************************************************************************\n  \
          *  DEVELOPMENT MODE: tokens are signed with a fixed, public dev secret. *\n  \
@@ -262,9 +270,15 @@ fn token(
     ttl: String,
     admin: bool,
 ) -> anyhow::Result<()> {
-    let config = load_config(&cfg)?;
+    let config = load_config(&cfg, false)?;
     let user = UserId::parse(&user).map_err(|e| anyhow::anyhow!("--user {e}"))?;
     let ttl = parse_ttl(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    let max = config.auth.max_token_ttl;
+    if ttl > max {
+        bail!(
+            "--ttl: {ttl} s is longer than auth.max_token_ttl ({max} s): the server would refuse it"
+        );
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();

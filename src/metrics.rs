@@ -40,6 +40,10 @@ metrics! {
     Counter ERRORS = "switchboard_errors_total", "Error replies, label `code`.";
     Counter SESSIONS_CLOSED = "switchboard_sessions_closed_total", "Sessions closed by the server, label `reason` (heartbeat, oversize, binary, invalid_utf8, protocol_error, shutdown, write_failed, write_timeout, slow_reader, flood).";
     Counter SESSIONS_REFUSED = "switchboard_sessions_refused_total", "WebSocket upgrades refused (429) by a `[sessions]` cap, label `cap` (total, user, ip, rate).";
+    // HTTP.
+    Gauge HTTP_CONNECTIONS = "switchboard_http_connections", "TCP connections open on the HTTP listener, WebSocket sessions included.";
+    Counter HTTP_CONNECTIONS_REFUSED = "switchboard_http_connections_refused_total", "Connections refused (503 and closed) because [http] max_connections were open.";
+    Counter HTTP_TIMEOUTS = "switchboard_http_timeouts_total", "HTTP connections closed by a timer, label `kind` (header: no complete request head within [http] header_read_timeout; idle: no byte moved for [http] idle_timeout).";
     // Storage.
     Histogram STORAGE_COMMIT = "switchboard_storage_commit_seconds", "Seconds per storage batch commit.";
     Histogram STORAGE_BATCH = "switchboard_storage_batch_jobs", "Jobs (ops, reads, ledger writes) per storage batch; one transaction per batch.";
@@ -74,6 +78,9 @@ metrics! {
     // Webhooks.
     Counter WEBHOOK_DELIVERIES = "switchboard_webhook_deliveries_total", "Webhook deliveries, label `result` (ok, retry).";
     Gauge WEBHOOK_BACKLOG = "switchboard_webhook_backlog", "Events waiting in the webhook outbox.";
+    Counter WEBHOOK_DEAD_LETTERS = "switchboard_webhook_dead_letters_total", "Webhook events given up on and moved to the dead letters, label `reason` (max_attempts, max_age).";
+    Gauge WEBHOOK_DEAD = "switchboard_webhook_dead_letters", "Webhook events in the dead letters (GET /v1/admin/webhooks/dead).";
+    Counter WEBHOOK_DROPPED = "switchboard_webhook_dropped_total", "Outbox rows dropped at start because their receiver is no longer in [webhooks] urls.";
 }
 
 /// Process CPU seconds (user + system), read from /proc at each scrape; exported as a counter.

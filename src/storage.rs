@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
 
 use crate::billing::{UsageRecord, UsageRow};
 use crate::ids::{CallId, UserId};
@@ -79,9 +80,48 @@ pub struct OutboxRow {
     pub body: String,
     /// Deliveries tried so far.
     pub attempts: u32,
+    /// Attempts the receiver refused (answered other than 2xx, or not in time).
+    pub refusals: u32,
+    /// When it was queued, ms.
+    pub created_ms: u64,
     /// Not before this time, ms.
     pub next_attempt_ms: u64,
 }
+
+/// A webhook event given up on (`GET /v1/admin/webhooks/dead`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    /// Order of death.
+    pub seq: i64,
+    /// The event's ID.
+    pub event_id: String,
+    /// The receiver that did not take it.
+    pub url: String,
+    /// The event, as it would have been delivered.
+    #[serde(serialize_with = "raw_json")]
+    pub body: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Attempts the receiver refused.
+    pub refusals: u32,
+    /// When it was queued, ms.
+    pub created_at: u64,
+    /// When it was given up on, ms.
+    pub dead_at: u64,
+    /// `max_attempts` or `max_age`.
+    pub reason: String,
+}
+
+/// The event body as JSON (it was stored as the JSON text delivered); as a string if it is not JSON.
+fn raw_json<S: serde::Serializer>(body: &str, s: S) -> Result<S::Ok, S::Error> {
+    match serde_json::from_str::<serde_json::Value>(body) {
+        Ok(v) => v.serialize(s),
+        Err(_) => s.serialize_str(body),
+    }
+}
+
+/// Most dead letters kept; the oldest go first.
+pub const MAX_DEAD_LETTERS: i64 = 10_000;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS calls (
@@ -138,7 +178,20 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
     body         TEXT NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt INTEGER NOT NULL,
+    refusals     INTEGER NOT NULL DEFAULT 0,
+    created_at   INTEGER NOT NULL DEFAULT 0,
     UNIQUE (event_id, url)
+);
+CREATE TABLE IF NOT EXISTS webhook_dead (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id   TEXT NOT NULL,
+    url        TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    attempts   INTEGER NOT NULL,
+    refusals   INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    dead_at    INTEGER NOT NULL,
+    reason     TEXT NOT NULL
 );
 "#;
 
@@ -179,6 +232,7 @@ impl Store {
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate_outbox(&conn)?;
         conn.execute_batch(SCHEMA)?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(Self {
@@ -647,22 +701,12 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let mut out = Vec::new();
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, event_id, url, body, attempts, next_attempt FROM webhook_outbox \
-             WHERE url = ?1 ORDER BY seq LIMIT ?2",
-        )?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM webhook_outbox WHERE url = ?1 ORDER BY seq LIMIT ?2"
+        ))?;
         for url in &self.webhook_urls {
             let rows: Vec<OutboxRow> = stmt
-                .query_map(params![url, limit as i64], |r| {
-                    Ok(OutboxRow {
-                        seq: r.get(0)?,
-                        event_id: r.get(1)?,
-                        url: r.get(2)?,
-                        body: r.get(3)?,
-                        attempts: r.get(4)?,
-                        next_attempt_ms: r.get::<_, i64>(5)? as u64,
-                    })
-                })?
+                .query_map(params![url, limit as i64], outbox_row)?
                 .collect::<Result<_, _>>()?;
             for r in rows {
                 if r.next_attempt_ms > now {
@@ -676,21 +720,11 @@ impl Store {
 
     /// Events due for delivery at `now`, oldest first.
     pub fn due_webhooks(&self, now: u64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, event_id, url, body, attempts, next_attempt FROM webhook_outbox \
-             WHERE next_attempt <= ?1 ORDER BY seq LIMIT ?2",
-        )?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM webhook_outbox WHERE next_attempt <= ?1 ORDER BY seq LIMIT ?2"
+        ))?;
         let rows = stmt
-            .query_map(params![now as i64, limit as i64], |r| {
-                Ok(OutboxRow {
-                    seq: r.get(0)?,
-                    event_id: r.get(1)?,
-                    url: r.get(2)?,
-                    body: r.get(3)?,
-                    attempts: r.get(4)?,
-                    next_attempt_ms: r.get::<_, i64>(5)? as u64,
-                })
-            })?
+            .query_map(params![now as i64, limit as i64], outbox_row)?
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
@@ -703,14 +737,102 @@ impl Store {
         Ok(())
     }
 
-    /// Schedules another attempt.
-    pub fn webhook_retry(&mut self, seq: i64, next_attempt_ms: u64) -> Result<(), StoreError> {
+    /// Schedules another attempt, with the counts after the one that failed.
+    pub fn webhook_retry(
+        &mut self,
+        seq: i64,
+        next_attempt_ms: u64,
+        attempts: u32,
+        refusals: u32,
+    ) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
-                "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt = ?2 WHERE seq = ?1",
+                "UPDATE webhook_outbox SET attempts = ?3, refusals = ?4, next_attempt = ?2 \
+                 WHERE seq = ?1",
             )?
-            .execute(params![seq, next_attempt_ms as i64])?;
+            .execute(params![seq, next_attempt_ms as i64, attempts, refusals])?;
         Ok(())
+    }
+
+    /// Moves an event to the dead letters (counting the attempt that just failed, if any), in one
+    /// transaction; keeps at most [`MAX_DEAD_LETTERS`]. Returns whether the row was there.
+    pub fn webhook_dead(
+        &mut self,
+        seq: i64,
+        attempts: u32,
+        refusals: u32,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let tx = self.conn.transaction()?;
+        let moved = tx
+            .prepare_cached(
+                "INSERT INTO webhook_dead \
+                 (event_id, url, body, attempts, refusals, created_at, dead_at, reason) \
+                 SELECT event_id, url, body, ?2, ?3, created_at, ?4, ?5 FROM webhook_outbox \
+                 WHERE seq = ?1",
+            )?
+            .execute(params![seq, attempts, refusals, now_ms as i64, reason])?;
+        tx.prepare_cached("DELETE FROM webhook_outbox WHERE seq = ?1")?
+            .execute([seq])?;
+        tx.prepare_cached(
+            "DELETE FROM webhook_dead WHERE seq <= (SELECT max(seq) FROM webhook_dead) - ?1",
+        )?
+        .execute([MAX_DEAD_LETTERS])?;
+        tx.commit()?;
+        Ok(moved == 1)
+    }
+
+    /// The newest dead letters, newest first.
+    pub fn dead_webhooks(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, event_id, url, body, attempts, refusals, created_at, dead_at, reason \
+             FROM webhook_dead ORDER BY seq DESC LIMIT ?1",
+        )?;
+        let rows = stmt
+            .query_map([limit as i64], |r| {
+                Ok(DeadLetter {
+                    seq: r.get(0)?,
+                    event_id: r.get(1)?,
+                    url: r.get(2)?,
+                    body: r.get(3)?,
+                    attempts: r.get(4)?,
+                    refusals: r.get(5)?,
+                    created_at: r.get::<_, i64>(6)? as u64,
+                    dead_at: r.get::<_, i64>(7)? as u64,
+                    reason: r.get(8)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Dead letters kept.
+    pub fn dead_webhook_count(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM webhook_dead", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
+    /// Deletes outbox rows for receivers no longer in [`set_webhook_urls`](Self::set_webhook_urls)
+    /// (nobody would ever deliver them). Returns how many.
+    pub fn drop_unconfigured_webhooks(&mut self) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute_batch("CREATE TEMP TABLE IF NOT EXISTS configured_urls (url TEXT PRIMARY KEY); DELETE FROM configured_urls;")?;
+        for url in &self.webhook_urls {
+            tx.execute(
+                "INSERT OR IGNORE INTO configured_urls (url) VALUES (?1)",
+                [url],
+            )?;
+        }
+        let n = tx.execute(
+            "DELETE FROM webhook_outbox WHERE url NOT IN (SELECT url FROM configured_urls)",
+            [],
+        )?;
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Events waiting in the outbox.
@@ -738,6 +860,47 @@ impl Store {
     }
 }
 
+/// Databases made before dead letters: their outbox gains `refusals` and `created_at` (taken as the
+/// row's next attempt, the closest time it knows).
+fn migrate_outbox(conn: &Connection) -> Result<(), StoreError> {
+    let has_table: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'webhook_outbox'",
+        [],
+        |r| r.get(0),
+    )?;
+    let has_column: i64 = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('webhook_outbox') WHERE name = 'refusals'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_table == 1 && has_column == 0 {
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE webhook_outbox ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE webhook_outbox ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+             UPDATE webhook_outbox SET created_at = next_attempt;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
+fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+    Ok(OutboxRow {
+        seq: r.get(0)?,
+        event_id: r.get(1)?,
+        url: r.get(2)?,
+        body: r.get(3)?,
+        attempts: r.get(4)?,
+        next_attempt_ms: r.get::<_, i64>(5)? as u64,
+        refusals: r.get(6)?,
+        created_ms: r.get::<_, i64>(7)? as u64,
+    })
+}
+
+const OUTBOX_COLUMNS: &str =
+    "seq, event_id, url, body, attempts, next_attempt, refusals, created_at";
+
 fn enqueue(
     tx: &rusqlite::Transaction<'_>,
     events: &[OutboxEvent],
@@ -745,7 +908,8 @@ fn enqueue(
     now_ms: u64,
 ) -> Result<(), StoreError> {
     let mut stmt = tx.prepare_cached(
-        "INSERT OR IGNORE INTO webhook_outbox (event_id, url, body, next_attempt) VALUES (?1,?2,?3,?4)",
+        "INSERT OR IGNORE INTO webhook_outbox (event_id, url, body, next_attempt, created_at) \
+         VALUES (?1,?2,?3,?4,?4)",
     )?;
     for e in events {
         for url in urls {
@@ -960,7 +1124,7 @@ mod tests {
         s.enqueue_webhooks(&[e1], 10).expect("enqueues");
         let due = s.due_webhooks(10, 10).expect("reads");
         assert_eq!(due.len(), 2);
-        s.webhook_retry(due[0].seq, 1000).expect("updates");
+        s.webhook_retry(due[0].seq, 1000, 1, 1).expect("updates");
         s.webhook_delivered(due[1].seq).expect("deletes");
         assert!(s.due_webhooks(999, 10).expect("reads").is_empty());
         let again = s.due_webhooks(1000, 10).expect("reads");

@@ -10,6 +10,10 @@
 //! - Events are queued durably in the store's outbox in the same transaction as the change they report,
 //!   and delivered per receiver in the order they were queued; a failure holds back the events behind
 //!   it (so each call's events arrive in order) and is retried with exponential backoff.
+//! - An event is given up on ([`after_attempt`]) when its receiver refused it `max_attempts` times
+//!   (an answer other than 2xx, or none in time) or when it is `max_age` old; it moves to the dead
+//!   letters and the receiver's later events go ahead. A receiver that cannot be reached at all costs
+//!   no attempts: its events wait (in order) and die only of age.
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -185,9 +189,177 @@ pub fn backoff_ms(attempts: u32) -> u64 {
         .map_or(MAX, |d| d.min(MAX))
 }
 
+/// How one delivery attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// The receiver was reached and did not take the event: an answer other than 2xx (a redirect
+    /// included: they are not followed), or no answer within the request timeout.
+    Refused,
+    /// The receiver could not be reached (connection refused, no route, connect timeout). Says
+    /// nothing about the event: it costs no attempt, only time.
+    Unreachable,
+}
+
+/// Why an event was given up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    /// The receiver refused it `[webhooks] max_attempts` times.
+    MaxAttempts,
+    /// It was still undelivered `[webhooks] max_age` after it was queued.
+    MaxAge,
+}
+
+impl DeadReason {
+    /// The name in the admin API and the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::MaxAttempts => "max_attempts",
+            DeadReason::MaxAge => "max_age",
+        }
+    }
+}
+
+/// When the outbox gives up on an event (`[webhooks] max_attempts`, `max_age`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GiveUp {
+    /// Refusals after which an event is dead-lettered.
+    pub max_attempts: u32,
+    /// Age in ms after which an undelivered event is dead-lettered.
+    pub max_age_ms: u64,
+}
+
+/// What to do with an outbox row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Delivered: remove it.
+    Remove,
+    /// Try again at `at_ms`, with the new counts (`attempts` drives the backoff, `refusals` the
+    /// give-up); the receiver's later events wait behind it.
+    Retry {
+        /// When.
+        at_ms: u64,
+        /// Attempts made, reachable or not.
+        attempts: u32,
+        /// Attempts the receiver refused.
+        refusals: u32,
+    },
+    /// Move it to the dead letters; the receiver's later events go ahead.
+    Dead(DeadReason),
+}
+
+/// An event queued at `created_ms` that is still undelivered at `now_ms`, if it is too old to try.
+pub fn expired(created_ms: u64, now_ms: u64, give_up: GiveUp) -> Option<DeadReason> {
+    (now_ms.saturating_sub(created_ms) >= give_up.max_age_ms).then_some(DeadReason::MaxAge)
+}
+
+/// The fate of an event after an attempt at `now_ms` ended with `outcome`, given the counts before it.
+pub fn after_attempt(
+    outcome: Outcome,
+    attempts: u32,
+    refusals: u32,
+    created_ms: u64,
+    now_ms: u64,
+    give_up: GiveUp,
+) -> Next {
+    let attempts = attempts.saturating_add(1);
+    let refusals = match outcome {
+        Outcome::Delivered => return Next::Remove,
+        Outcome::Refused => refusals.saturating_add(1),
+        Outcome::Unreachable => refusals,
+    };
+    if refusals >= give_up.max_attempts {
+        return Next::Dead(DeadReason::MaxAttempts);
+    }
+    let at_ms = now_ms.saturating_add(backoff_ms(attempts - 1));
+    if let Some(reason) = expired(created_ms, at_ms, give_up) {
+        // The next attempt would be past the event's age: give up now rather than wait for it.
+        return Next::Dead(reason);
+    }
+    Next::Retry {
+        at_ms,
+        attempts,
+        refusals,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const G: GiveUp = GiveUp {
+        max_attempts: 3,
+        max_age_ms: 3_600_000,
+    };
+
+    #[test]
+    fn a_refused_event_is_retried_with_backoff_then_dead_lettered_after_max_attempts() {
+        let t0 = 1_000_000;
+        let n1 = after_attempt(Outcome::Refused, 0, 0, t0, t0, G);
+        assert_eq!(
+            n1,
+            Next::Retry {
+                at_ms: t0 + 1000,
+                attempts: 1,
+                refusals: 1
+            }
+        );
+        let n2 = after_attempt(Outcome::Refused, 1, 1, t0, t0 + 1000, G);
+        assert_eq!(
+            n2,
+            Next::Retry {
+                at_ms: t0 + 3000,
+                attempts: 2,
+                refusals: 2
+            }
+        );
+        assert_eq!(
+            after_attempt(Outcome::Refused, 2, 2, t0, t0 + 3000, G),
+            Next::Dead(DeadReason::MaxAttempts)
+        );
+        assert_eq!(
+            after_attempt(Outcome::Delivered, 2, 2, t0, t0 + 3000, G),
+            Next::Remove
+        );
+    }
+
+    #[test]
+    fn an_unreachable_receiver_costs_no_attempts_and_its_events_die_of_age() {
+        let t0 = 0;
+        // Far more failures than max_attempts: still retried, with a growing backoff.
+        let mut attempts = 0;
+        let mut now = t0;
+        let mut last_gap = 0;
+        loop {
+            match after_attempt(Outcome::Unreachable, attempts, 0, t0, now, G) {
+                Next::Retry {
+                    at_ms,
+                    attempts: a,
+                    refusals,
+                } => {
+                    assert_eq!(refusals, 0);
+                    assert!(at_ms - now >= last_gap, "backoff does not shrink");
+                    last_gap = at_ms - now;
+                    attempts = a;
+                    now = at_ms;
+                }
+                Next::Dead(reason) => {
+                    assert_eq!(reason, DeadReason::MaxAge);
+                    break;
+                }
+                Next::Remove => panic!("not delivered"),
+            }
+        }
+        assert!(attempts > G.max_attempts, "{attempts} attempts");
+        assert!(
+            now <= G.max_age_ms,
+            "given up by its age, not later ({now})"
+        );
+        assert_eq!(last_gap, 300_000, "the backoff is capped at 5 minutes");
+        assert_eq!(expired(t0, G.max_age_ms - 1, G), None);
+        assert_eq!(expired(t0, G.max_age_ms, G), Some(DeadReason::MaxAge));
+    }
 
     #[test]
     fn signatures_verify_and_refuse_tampering_staleness_and_other_keys() {

@@ -842,7 +842,9 @@ async fn health_metrics_and_dev_tokens() {
     s.stop().await;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = common::config(dir.path());
+    let mut c = common::config(dir.path());
+    // Dev mode refuses a real secret: it runs with the public dev secret.
+    c.auth.secret = switchboard::auth::DEV_SECRET.into();
     let s = TestServer::start_in(dir, c, true).await;
     let r: Value = http
         .post(s.http("/v1/dev/token"))

@@ -85,14 +85,19 @@ impl IntoResponse for HttpError {
     }
 }
 
-/// The bearer token of a request: `Authorization: Bearer …`, or the `token` query parameter.
-fn bearer(parts: &Parts) -> Option<String> {
+/// The bearer token of a request: `Authorization: Bearer …`, or, only when `query` allows it (the
+/// WebSocket upgrade, which browsers cannot give headers), the `token` query parameter. Anywhere else
+/// a token in the URL would end up in access logs and browser history, so it is not looked at.
+fn bearer(parts: &Parts, query: bool) -> Option<String> {
     if let Some(v) = parts.headers.get(header::AUTHORIZATION) {
         let v = v.to_str().ok()?;
         let t = v
             .strip_prefix("Bearer ")
             .or_else(|| v.strip_prefix("bearer "))?;
         return Some(t.trim().to_owned());
+    }
+    if !query {
+        return None;
     }
     let q = parts.uri.query()?;
     q.split('&').find_map(|kv| {
@@ -134,22 +139,23 @@ fn hex_val(c: u8) -> Option<u8> {
     (c as char).to_digit(16).map(|d| d as u8)
 }
 
-fn verify(app: &AppState, parts: &Parts) -> Result<Identity, HttpError> {
-    let token =
-        bearer(parts).ok_or_else(|| HttpError::unauthorized(AuthError::Missing.to_string()))?;
+fn verify(app: &AppState, parts: &Parts, query: bool) -> Result<Identity, HttpError> {
+    let token = bearer(parts, query)
+        .ok_or_else(|| HttpError::unauthorized(AuthError::Missing.to_string()))?;
     app.tokens
         .verify(&token)
         .map_err(|e| HttpError::unauthorized(e.to_string()))
 }
 
-/// A request with a valid access token.
-pub struct Authenticated(pub Identity);
+/// A WebSocket upgrade with a valid access token, in the `Authorization` header or the `token`
+/// query parameter.
+pub struct SignalAuth(pub Identity);
 
-impl FromRequestParts<AppState> for Authenticated {
+impl FromRequestParts<AppState> for SignalAuth {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, HttpError> {
-        verify(app, parts).map(Authenticated)
+        verify(app, parts, true).map(SignalAuth)
     }
 }
 
@@ -160,7 +166,8 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, HttpError> {
-        let id = verify(app, parts)?;
+        let id = verify(app, parts, false)?;
+        // 401, not 403: PROTOCOL.md section 6 says so (docs/protocol.md, "HTTP").
         if !id.admin {
             return Err(HttpError::unauthorized(
                 "this call needs a token with the admin claim",
@@ -174,7 +181,7 @@ impl FromRequestParts<AppState> for Admin {
 pub async fn signal(
     State(app): State<AppState>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
-    Authenticated(identity): Authenticated,
+    SignalAuth(identity): SignalAuth,
     ws: WebSocketUpgrade,
 ) -> Response {
     let cfg = &app.hub.config().signaling;
@@ -286,7 +293,7 @@ pub async fn dev_token(
         return Err(HttpError::bad_request("name is longer than 64 characters"));
     }
     let now = now_ms() / 1000;
-    let ttl = 24 * 3600;
+    let ttl = app.hub.config().auth.max_token_ttl.min(24 * 3600);
     let token = app
         .tokens
         .issue(&user, req.name.as_deref(), false, now, ttl);

@@ -11,6 +11,7 @@ pub mod admission;
 pub mod billing;
 pub mod http;
 pub mod hub;
+pub mod listener;
 pub mod media;
 pub mod openapi;
 pub mod session;
@@ -24,7 +25,6 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -55,6 +55,9 @@ pub enum ServerError {
     /// The media engine could not start.
     #[error("media: {0}")]
     Media(#[from] crate::sfu::SfuError),
+    /// The configuration does not fit the mode (a short secret, `--dev` with a real secret).
+    #[error("invalid configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Shared state of every handler.
@@ -163,6 +166,9 @@ impl Server {
     /// Opens storage, restores calls, and builds the hub.
     pub async fn start(config: Config, opts: Options) -> Result<Server, ServerError> {
         crate::fault::install_panic_policy();
+        // The secret's rules; the listen address is checked by `serve`, which binds it (tests bind
+        // their own listeners).
+        config.check_mode(opts.dev, true)?;
         let config = Arc::new(config);
         let metrics = crate::metrics::install();
         let mut store = Store::open(&config.storage.path)?;
@@ -179,7 +185,9 @@ impl Server {
             tracing::info!(calls = n_restored, "restored calls in progress");
         }
         let (shutdown_tx, shutdown) = watch::channel(false);
-        let tokens = Arc::new(TokenAuthority::new(&config.auth.secret));
+        let tokens = Arc::new(
+            TokenAuthority::new(&config.auth.secret).with_max_ttl(config.auth.max_token_ttl),
+        );
         let (biller, biller_task) =
             billing::Biller::spawn(Arc::clone(&hub), &config.billing, shutdown.clone());
         hub.add_notice_sink(Arc::new(biller.clone()));
@@ -249,16 +257,8 @@ impl Server {
             }
             let _ = tx.send(true);
         };
-        // Signaling frames are small and latency-bound: no Nagle delay.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let result = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(graceful)
-        .await;
+        let limits = listener::Limits::from(&hub.config().http);
+        let result = listener::serve(listener, app, limits, graceful).await;
         let _ = self.shutdown_tx.send(true);
         // Sessions see the shutdown and close; give them a moment to flush their close frames.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

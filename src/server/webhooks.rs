@@ -1,10 +1,12 @@
 //! Webhook delivery: one task drains the durable outbox, receiver by receiver, in queue order.
 //!
-//! An event leaves the outbox only when its receiver answered 2xx. A failure (an error status, a
-//! timeout, a refused connection) schedules a retry with exponential backoff and holds back that
-//! receiver's later events, so each receiver sees every call's events in order. Delivery is at least
-//! once: a crash after the POST and before the row is deleted sends the event again, with the same
-//! event ID.
+//! An event leaves the outbox when its receiver answered 2xx, or when it is given up on
+//! ([`after_attempt`]): refused `[webhooks] max_attempts` times or `max_age` old, it moves to the dead
+//! letters (`GET /v1/admin/webhooks/dead`) and the receiver's later events go ahead. Any other failure
+//! schedules a retry with exponential backoff and holds back that receiver's later events, so each
+//! receiver sees every call's events in order. Redirects are not followed (a receiver is the URL
+//! configured, nothing it points to). Delivery is at least once: a crash after the POST and before
+//! the row is deleted sends the event again, with the same event ID.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +16,28 @@ use tokio::sync::watch;
 use super::hub::{Hub, now_ms};
 use crate::metrics as m;
 use crate::storage::OutboxRow;
-use crate::webhooks::{EVENT_HEADER, EVENT_ID_HEADER, SIGNATURE_HEADER, backoff_ms, sign};
+use crate::webhooks::{
+    EVENT_HEADER, EVENT_ID_HEADER, GiveUp, Next, Outcome, SIGNATURE_HEADER, after_attempt, expired,
+    sign,
+};
+
+/// The delivery client: bounded time, no redirects.
+fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default()
+}
+
+fn give_up(hub: &Hub) -> GiveUp {
+    let w = &hub.config().webhooks;
+    GiveUp {
+        max_attempts: w.max_attempts,
+        max_age_ms: w.max_age.saturating_mul(1000),
+    }
+}
 
 /// Starts delivering (when `[webhooks] urls` is set); stops at shutdown.
 pub fn spawn(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
@@ -22,11 +45,7 @@ pub fn spawn(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
         return;
     }
     let key = hub.config().webhooks.signing_key.clone().into_bytes();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .unwrap_or_default();
+    let http = client(Duration::from_secs(10));
     tokio::spawn(async move {
         loop {
             let delivered = round(&hub, &http, &key).await;
@@ -51,10 +70,7 @@ pub async fn drain(hub: &Arc<Hub>, timeout: Duration) {
         return;
     }
     let key = hub.config().webhooks.signing_key.clone().into_bytes();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap_or_default();
+    let http = client(Duration::from_secs(5));
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
         hub.flush().await;
@@ -90,23 +106,43 @@ async fn round(hub: &Arc<Hub>, http: &reqwest::Client, key: &[u8]) -> bool {
         }
         Err(_) => return false,
     };
+    let give_up = give_up(hub);
     let mut delivered = false;
     let mut failed_urls: Vec<String> = Vec::new();
     for row in due {
         if failed_urls.contains(&row.url) {
             continue;
         }
-        if send(http, key, &row).await {
-            delivered = true;
-            metrics::counter!(m::WEBHOOK_DELIVERIES, "result" => "ok").increment(1);
-            let seq = row.seq;
-            let _ = hub.store().call(move |s| s.webhook_delivered(seq)).await;
-        } else {
-            let next = now_ms() + backoff_ms(row.attempts);
-            metrics::counter!(m::WEBHOOK_DELIVERIES, "result" => "retry").increment(1);
-            let seq = row.seq;
-            let _ = hub.store().call(move |s| s.webhook_retry(seq, next)).await;
-            failed_urls.push(row.url);
+        let seq = row.seq;
+        let (attempts, refusals) = (row.attempts, row.refusals);
+        if let Some(reason) = expired(row.created_ms, now_ms(), give_up) {
+            dead_letter(hub, &row, attempts, refusals, reason).await;
+            continue;
+        }
+        let outcome = send(http, key, &row).await;
+        let now = now_ms();
+        match after_attempt(outcome, attempts, refusals, row.created_ms, now, give_up) {
+            Next::Remove => {
+                delivered = true;
+                metrics::counter!(m::WEBHOOK_DELIVERIES, "result" => "ok").increment(1);
+                let _ = hub.store().call(move |s| s.webhook_delivered(seq)).await;
+            }
+            Next::Retry {
+                at_ms,
+                attempts,
+                refusals,
+            } => {
+                metrics::counter!(m::WEBHOOK_DELIVERIES, "result" => "retry").increment(1);
+                let _ = hub
+                    .store()
+                    .call(move |s| s.webhook_retry(seq, at_ms, attempts, refusals))
+                    .await;
+                failed_urls.push(row.url);
+            }
+            Next::Dead(reason) => {
+                let refusals = refusals + u32::from(outcome == Outcome::Refused);
+                dead_letter(hub, &row, attempts + 1, refusals, reason).await;
+            }
         }
     }
     if let Ok(Ok(n)) = hub.store().call(|s| s.webhook_backlog()).await {
@@ -115,7 +151,39 @@ async fn round(hub: &Arc<Hub>, http: &reqwest::Client, key: &[u8]) -> bool {
     delivered
 }
 
-async fn send(http: &reqwest::Client, key: &[u8], row: &OutboxRow) -> bool {
+/// Moves `row` to the dead letters; the receiver's next event is tried in the same round.
+async fn dead_letter(
+    hub: &Arc<Hub>,
+    row: &OutboxRow,
+    attempts: u32,
+    refusals: u32,
+    reason: crate::webhooks::DeadReason,
+) {
+    let seq = row.seq;
+    let moved = hub
+        .store()
+        .call(move |s| {
+            let moved = s.webhook_dead(seq, attempts, refusals, reason.as_str(), now_ms())?;
+            Ok::<_, crate::storage::StoreError>((moved, s.dead_webhook_count()?))
+        })
+        .await;
+    match moved {
+        Ok(Ok((_, total))) => {
+            tracing::warn!(
+                url = %row.url, event = %row.event_id, attempts, refusals,
+                reason = reason.as_str(), "webhook event given up on, moved to the dead letters"
+            );
+            metrics::counter!(m::WEBHOOK_DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+            metrics::gauge!(m::WEBHOOK_DEAD).set(total as f64);
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, event = %row.event_id, "moving a webhook event to the dead letters failed")
+        }
+        Err(_) => {}
+    }
+}
+
+async fn send(http: &reqwest::Client, key: &[u8], row: &OutboxRow) -> Outcome {
     let event_name = serde_json::from_str::<serde_json::Value>(&row.body)
         .ok()
         .and_then(|v| v.get("event").and_then(|e| e.as_str()).map(str::to_owned))
@@ -131,14 +199,18 @@ async fn send(http: &reqwest::Client, key: &[u8], row: &OutboxRow) -> bool {
         .send()
         .await;
     match r {
-        Ok(resp) if resp.status().is_success() => true,
+        Ok(resp) if resp.status().is_success() => Outcome::Delivered,
         Ok(resp) => {
             tracing::warn!(url = %row.url, status = %resp.status(), event = %row.event_id, "webhook refused");
-            false
+            Outcome::Refused
+        }
+        Err(e) if e.is_connect() => {
+            tracing::warn!(url = %row.url, error = %e, event = %row.event_id, "webhook receiver unreachable");
+            Outcome::Unreachable
         }
         Err(e) => {
             tracing::warn!(url = %row.url, error = %e, event = %row.event_id, "webhook delivery failed");
-            false
+            Outcome::Refused
         }
     }
 }

@@ -15,7 +15,8 @@ use switchboard::ids::UserId;
 use switchboard::server::{Options, Server};
 use tokio::task::JoinHandle;
 
-pub const SECRET: &str = "integration-test-secret";
+/// At least 32 bytes, as the server requires outside dev mode.
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 pub const WAIT: Duration = Duration::from_secs(5);
 
 pub struct TestServer {

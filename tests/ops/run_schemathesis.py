@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Fuzzes the real server against docs/openapi.json with schemathesis, and checks the error contract.
 
-Starts the release binary on a free 127.0.0.1 port with a temporary database and a random secret,
+Starts the release binary in dev mode (the public dev secret: --dev refuses a real one) on a free
+127.0.0.1 port with a temporary database,
 puts a few real calls in its history (`switchboard loadtest`), mints an admin token with
 `switchboard token --admin`, then:
 
@@ -28,7 +29,6 @@ Exit status 0 when everything passed.
 import json
 import os
 import pathlib
-import secrets
 import shutil
 import signal
 import socket
@@ -120,14 +120,12 @@ class Server:
         self.binary = binary
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.secret = secrets.token_hex(32)
         self.log_path = workdir / "server.log"
         # Only our own SWITCHBOARD_* variables reach the server: it refuses unknown ones, and scripts/test
         # exports a few of its own (SWITCHBOARD_PYTHON, SWITCHBOARD_CHROMIUM).
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
         self.env.update(
             {
-                "SWITCHBOARD_AUTH_SECRET": self.secret,
                 "SWITCHBOARD_STORAGE_PATH": str(workdir / "switchboard.db"),
                 "SWITCHBOARD_SERVER_LISTEN": f"127.0.0.1:{self.port}",
                 "SWITCHBOARD_MEDIA_UDP_PORT": "0",
@@ -142,7 +140,7 @@ class Server:
 
     def start(self):
         log = open(self.log_path, "wb")
-        # --dev: POST /v1/dev/token answers (the secret stays ours: --dev only fills an empty one).
+        # --dev: POST /v1/dev/token answers; tokens are signed with the public dev secret.
         self.proc = subprocess.Popen(
             [str(self.binary), "serve", "--dev"], env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
@@ -159,7 +157,7 @@ class Server:
         raise Failed("the server did not answer /healthz within 30 s")
 
     def token(self, user, admin):
-        args = [str(self.binary), "token", "--user", user, "--ttl", "1h"] + (["--admin"] if admin else [])
+        args = [str(self.binary), "token", "--dev", "--user", user, "--ttl", "1h"] + (["--admin"] if admin else [])
         return subprocess.run(args, env=self.env, check=True, capture_output=True, text=True).stdout.strip()
 
     def log(self):
