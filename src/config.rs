@@ -168,6 +168,13 @@ pub struct SignalingConfig {
     pub burst: u32,
     /// Largest WebSocket frame, in bytes.
     pub max_frame: usize,
+    /// Calls one user may create per minute (0: no limit).
+    pub calls_per_minute: u32,
+    /// Invitations one user may send per minute, each invitee counted (0: no limit).
+    pub invitations_per_minute: u32,
+    /// Seconds after a callee rejects a user's invitation before that user may ring them again
+    /// (0: no wait).
+    pub reinvite_cooldown: u64,
 }
 
 impl Default for SignalingConfig {
@@ -184,6 +191,9 @@ impl Default for SignalingConfig {
             rate: 50,
             burst: 100,
             max_frame: 65536,
+            calls_per_minute: 10,
+            invitations_per_minute: 30,
+            reinvite_cooldown: 30,
         }
     }
 }
@@ -463,6 +473,33 @@ impl Config {
         range("signaling.rate", s.rate as u64, 1, 1_000_000)?;
         range("signaling.burst", s.burst as u64, 1, 1_000_000)?;
         range("signaling.max_frame", s.max_frame as u64, 1024, 16 << 20)?;
+        range(
+            "signaling.calls_per_minute",
+            u64::from(s.calls_per_minute),
+            0,
+            100_000,
+        )?;
+        range(
+            "signaling.invitations_per_minute",
+            u64::from(s.invitations_per_minute),
+            0,
+            1_000_000,
+        )?;
+        range(
+            "signaling.reinvite_cooldown",
+            s.reinvite_cooldown,
+            0,
+            86_400,
+        )?;
+        if s.invitations_per_minute > 0 && (s.invitations_per_minute as usize) < s.max_invitees {
+            return invalid(
+                "signaling.invitations_per_minute",
+                &format!(
+                    "{} is below max_invitees ({}): a full invitation could never be sent",
+                    s.invitations_per_minute, s.max_invitees
+                ),
+            );
+        }
         let ss = &self.sessions;
         range("sessions.max_total", ss.max_total as u64, 1, 10_000_000)?;
         range("sessions.max_per_user", ss.max_per_user as u64, 1, 10_000)?;
@@ -943,6 +980,14 @@ mod tests {
             ("[http]\nmax_connections = 0\n", "http.max_connections"),
             ("[auth]\nmax_token_ttl = 10\n", "auth.max_token_ttl"),
             ("[webhooks]\nmax_attempts = 0\n", "webhooks.max_attempts"),
+            (
+                "[signaling]\ninvitations_per_minute = 5\n",
+                "signaling.invitations_per_minute",
+            ),
+            (
+                "[signaling]\nreinvite_cooldown = 100000\n",
+                "signaling.reinvite_cooldown",
+            ),
             ("[webhooks]\nmax_age = 1\n", "webhooks.max_age"),
         ] {
             let e = Config::from_toml_and_env(text, "t", []).expect_err(key);

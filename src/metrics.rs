@@ -36,6 +36,7 @@ metrics! {
     Counter CALLS_ENDED = "switchboard_calls_ended_total", "Calls ended, label `reason`.";
     Gauge CALLS_ACTIVE = "switchboard_calls_active", "Calls currently started.";
     Counter INVITEE_OUTCOMES = "switchboard_invitee_outcomes_total", "Invitees reaching a final state, label `state` (accepted, rejected, busy, cancelled, timeout).";
+    Counter INVITATIONS_REFUSED = "switchboard_invitations_refused_total", "Invitations not sent because of a [signaling] quota, label `reason` (calls_per_minute, invitations_per_minute: the op was refused; recently_declined, already_ringing: that invitee was left out).";
     Histogram OP_LATENCY = "switchboard_op_duration_seconds", "Seconds from receiving an op to queueing its reply, label `op`.";
     Counter ERRORS = "switchboard_errors_total", "Error replies, label `code`.";
     Counter SESSIONS_CLOSED = "switchboard_sessions_closed_total", "Sessions closed by the server, label `reason` (heartbeat, oversize, binary, invalid_utf8, protocol_error, shutdown, write_failed, write_timeout, slow_reader, flood).";

@@ -206,6 +206,8 @@ pub struct Store {
     written: HashMap<CallId, (i64, CallRecord)>,
     /// Webhook receivers: each queued event gets one outbox row per URL.
     webhook_urls: Vec<String>,
+    /// Dead letters kept ([`MAX_DEAD_LETTERS`]; smaller in tests).
+    max_dead: i64,
 }
 
 impl std::fmt::Debug for Store {
@@ -239,6 +241,7 @@ impl Store {
             conn,
             written: HashMap::new(),
             webhook_urls: Vec::new(),
+            max_dead: MAX_DEAD_LETTERS,
         })
     }
 
@@ -755,7 +758,7 @@ impl Store {
     }
 
     /// Moves an event to the dead letters (counting the attempt that just failed, if any), in one
-    /// transaction; keeps at most [`MAX_DEAD_LETTERS`]. Returns whether the row was there.
+    /// transaction; keeps the newest [`MAX_DEAD_LETTERS`]. Returns whether the row was there.
     pub fn webhook_dead(
         &mut self,
         seq: i64,
@@ -778,7 +781,7 @@ impl Store {
         tx.prepare_cached(
             "DELETE FROM webhook_dead WHERE seq <= (SELECT max(seq) FROM webhook_dead) - ?1",
         )?
-        .execute([MAX_DEAD_LETTERS])?;
+        .execute([self.max_dead])?;
         tx.commit()?;
         Ok(moved == 1)
     }
@@ -1130,6 +1133,107 @@ mod tests {
         let again = s.due_webhooks(1000, 10).expect("reads");
         assert_eq!(again[0].attempts, 1);
         assert_eq!(s.webhook_backlog().expect("counts"), 1);
+    }
+
+    #[test]
+    fn a_dead_letter_leaves_the_outbox_with_its_counts_and_the_newest_are_kept() {
+        let (_d, mut s) = open();
+        s.max_dead = 3;
+        s.set_webhook_urls(vec!["http://a".into()]);
+        let events: Vec<_> = (0..5)
+            .map(|i| crate::webhooks::event("call_started", i, serde_json::json!({ "n": i })))
+            .collect();
+        s.enqueue_webhooks(&events, 10).expect("enqueues");
+        let due = s.due_webhooks(10, 10).expect("reads");
+        assert_eq!(due.len(), 5);
+        assert!(
+            s.webhook_dead(due[0].seq, 4, 3, "max_attempts", 50)
+                .expect("moves")
+        );
+        // A row already gone is not moved twice.
+        assert!(
+            !s.webhook_dead(due[0].seq, 4, 3, "max_attempts", 50)
+                .expect("runs")
+        );
+        let dead = s.dead_webhooks(10).expect("reads");
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (
+                dead[0].attempts,
+                dead[0].refusals,
+                dead[0].created_at,
+                dead[0].dead_at
+            ),
+            (4, 3, 10, 50)
+        );
+        assert_eq!(dead[0].reason, "max_attempts");
+        assert_eq!(dead[0].event_id, due[0].event_id);
+        assert_eq!(s.webhook_backlog().expect("counts"), 4);
+        for r in &due[1..] {
+            s.webhook_dead(r.seq, 1, 0, "max_age", 60).expect("moves");
+        }
+        // Only the newest three are kept, newest first.
+        assert_eq!(s.dead_webhook_count().expect("counts"), 3);
+        let kept: Vec<String> = s
+            .dead_webhooks(10)
+            .expect("reads")
+            .into_iter()
+            .map(|d| d.event_id)
+            .collect();
+        let want: Vec<String> = due[2..].iter().rev().map(|r| r.event_id.clone()).collect();
+        assert_eq!(kept, want);
+        assert_eq!(s.webhook_backlog().expect("counts"), 0);
+        // The body serialises as the JSON delivered, not as a string.
+        let v = serde_json::to_value(&s.dead_webhooks(1).expect("reads")[0]).expect("serialises");
+        assert_eq!(v["body"]["event"], "call_started");
+    }
+
+    #[test]
+    fn outbox_rows_of_receivers_taken_out_of_the_config_are_dropped() {
+        let (_d, mut s) = open();
+        s.set_webhook_urls(vec!["http://a".into(), "http://b".into()]);
+        let e = crate::webhooks::event("call_started", 1, serde_json::json!({}));
+        s.enqueue_webhooks(&[e], 10).expect("enqueues");
+        assert_eq!(s.webhook_backlog().expect("counts"), 2);
+        s.set_webhook_urls(vec!["http://b".into()]);
+        assert_eq!(s.drop_unconfigured_webhooks().expect("drops"), 1);
+        let left = s.due_webhooks(10, 10).expect("reads");
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].url, "http://b");
+        // Nothing configured: everything goes.
+        s.set_webhook_urls(Vec::new());
+        assert_eq!(s.drop_unconfigured_webhooks().expect("drops"), 1);
+        assert_eq!(s.webhook_backlog().expect("counts"), 0);
+    }
+
+    #[test]
+    fn an_outbox_of_an_older_version_gains_the_refusal_counts_and_the_dead_letters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.sqlite");
+        {
+            let c = Connection::open(&path).expect("opens");
+            c.execute_batch(
+                "CREATE TABLE webhook_outbox (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL,
+                    url TEXT NOT NULL, body TEXT NOT NULL,
+                    attempts INTEGER NOT NULL DEFAULT 0, next_attempt INTEGER NOT NULL,
+                    UNIQUE (event_id, url));
+                 INSERT INTO webhook_outbox (event_id, url, body, attempts, next_attempt)
+                 VALUES ('e1', 'http://a', '{}', 2, 777);",
+            )
+            .expect("old schema");
+        }
+        let mut s = Store::open(&path).expect("migrates");
+        s.set_webhook_urls(vec!["http://a".into()]);
+        let due = s.due_webhooks(1000, 10).expect("reads");
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].attempts, due[0].refusals), (2, 0));
+        // Its age counts from when it was first due.
+        assert!(
+            s.webhook_dead(due[0].seq, 3, 0, "max_age", 900)
+                .expect("moves")
+        );
+        assert_eq!(s.dead_webhooks(1).expect("reads")[0].created_at, 777);
     }
 
     #[test]

@@ -110,7 +110,7 @@ pub fn from_notice(now_ms: u64, notice: &Notice) -> Option<OutboxEvent> {
             json!({"call_id": call_id, "user_id": user_id, "inviter": inviter,
                    "extended_data": extended_data}),
         ),
-        Notice::InviteeOutcome { .. } => return None,
+        Notice::InviteeOutcome { .. } | Notice::InvitationRefused { .. } => return None,
     })
 }
 

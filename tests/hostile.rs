@@ -248,3 +248,89 @@ async fn a_client_that_stops_reading_is_dropped() {
         .await
         .expect("served");
 }
+
+/// The spam of issue 10: ring a victim for 600 s, re-invite the moment they reject, churn calls.
+/// The victim rings once per cooldown at most, and the spammer's calls run out within the minute.
+#[tokio::test]
+async fn an_invitation_spammer_cannot_keep_a_victim_ringing() {
+    let s = TestServer::start().await;
+    let spammer = s.client("spammer").await;
+    let mut victim = s.client("victim").await;
+    let before = metric(&s, "switchboard_invitations_refused_total").await;
+    let r = spammer
+        .request(
+            "call_invite",
+            json!({"invitees": ["victim"], "timeout": 600}),
+        )
+        .await
+        .expect("the first call rings");
+    let call = r["call_id"].as_str().expect("id").to_owned();
+    victim
+        .wait_for("call_invitation_received", WAIT)
+        .await
+        .expect("rings");
+    victim
+        .request("call_reject", json!({"call_id": call}))
+        .await
+        .expect("reject");
+    // Re-inviting at once is refused, naming the victim; the victim does not ring again.
+    let e = spammer
+        .request(
+            "call_invite",
+            json!({"invitees": ["victim"], "timeout": 600}),
+        )
+        .await
+        .expect_err("cooldown");
+    assert_eq!(e.code(), Some("rate_limited"), "{e}");
+    let switchboard::client::signal::ClientError::Api { details, .. } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(
+        details
+            .as_ref()
+            .map(|d| d["error_users"][0]["reason"].clone()),
+        Some(json!("recently_declined"))
+    );
+    assert!(
+        victim
+            .wait_for("call_invitation_received", Duration::from_millis(500))
+            .await
+            .is_err(),
+        "the victim does not ring again"
+    );
+    // Churning calls at others runs out: nine more (ten in the minute), then rate_limited with
+    // the time to wait.
+    for i in 0..9 {
+        let r = spammer
+            .request("call_invite", json!({"invitees": [format!("other{i}")]}))
+            .await
+            .expect("within the minute's calls");
+        spammer
+            .request("call_cancel", json!({"call_id": r["call_id"]}))
+            .await
+            .expect("cancel");
+    }
+    let e = spammer
+        .request("call_invite", json!({"invitees": ["other9"]}))
+        .await
+        .expect_err("calls_per_minute");
+    let switchboard::client::signal::ClientError::Api { code, details, .. } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(code, "rate_limited");
+    let details = details.clone().expect("details");
+    assert_eq!(details["limit"], "calls_per_minute");
+    let wait = details["retry_after"].as_u64().expect("retry_after");
+    assert!((50..=60).contains(&wait), "retry after {wait} s");
+    // Everyone else still calls.
+    let other = s.client("someone").await;
+    other
+        .request("call_invite", json!({"invitees": ["victim"]}))
+        .await
+        .expect("others may ring the victim");
+    let after = metric(&s, "switchboard_invitations_refused_total").await;
+    assert!(
+        after - before >= 2.0,
+        "refusals counted: {before} -> {after}"
+    );
+}

@@ -1,5 +1,6 @@
 //! The operator kit against the real binary: signed webhooks delivered in order with redelivery after
-//! a receiver outage and after kill -9, and a drain that ends calls cleanly and exits 0.
+//! a receiver outage and after kill -9, events a receiver keeps refusing dead-lettered, and a drain
+//! that ends calls cleanly and exits 0.
 
 mod common;
 mod sfu_support;
@@ -228,6 +229,196 @@ async fn webhooks_queued_while_the_receiver_is_down_survive_kill_9() {
         events(&r)
     );
     assert_lifecycles(&events(&r), &calls);
+}
+
+/// A receiver that answers every event with `status` (a redirect to `/ok` when it is 302) while
+/// `refusing` is set, and otherwise records it; `/ok` counts the requests that followed a redirect.
+#[derive(Clone, Default)]
+struct Refuser {
+    inner: Receiver,
+    refusing: Arc<Mutex<Option<StatusCode>>>,
+    followed: Arc<Mutex<u32>>,
+}
+
+async fn refuse(
+    State(r): State<Refuser>,
+    headers: HeaderMap,
+    body: String,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let refusing = *r.refusing.lock().expect("lock");
+    match refusing {
+        Some(StatusCode::FOUND) => {
+            (StatusCode::FOUND, [("location", "/ok")], "moved").into_response()
+        }
+        Some(status) => status.into_response(),
+        None => receive(State(r.inner), headers, body).await.into_response(),
+    }
+}
+
+async fn followed(State(r): State<Refuser>) -> StatusCode {
+    *r.followed.lock().expect("lock") += 1;
+    StatusCode::NO_CONTENT
+}
+
+async fn dead_letters(p: &Proc) -> Value {
+    reqwest::Client::new()
+        .get(p.url("/v1/admin/webhooks/dead?limit=100"))
+        .bearer_auth(token("ops", true))
+        .send()
+        .await
+        .expect("http")
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_receiver_keeps_refusing_is_dead_lettered_and_the_later_ones_go_ahead() {
+    for status in [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::FOUND] {
+        let r = Refuser::default();
+        *r.refusing.lock().expect("lock") = Some(status);
+        let app = axum::Router::new()
+            .route("/hook", post(refuse))
+            .route("/ok", post(followed).get(followed))
+            .with_state(r.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = l.local_addr().expect("addr");
+        let _h = tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut env = webhook_env(addr);
+        env.push(("SWITCHBOARD_WEBHOOKS_MAX_ATTEMPTS", "2".into()));
+        let p = start(&dir.path().join("db"), free_port(), &env).await;
+
+        // Three events of a call, each refused twice: all three are given up on, in order.
+        let refused = make_calls(&p, 1).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut dead = dead_letters(&p).await;
+        while dead["total"] != 3 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            dead = dead_letters(&p).await;
+        }
+        assert_eq!(dead["total"], 3, "{status}: {dead}");
+        let letters = dead["dead_letters"].as_array().expect("list");
+        let mut names: Vec<&str> = letters
+            .iter()
+            .map(|d| d["body"]["event"].as_str().unwrap_or(""))
+            .collect();
+        names.reverse();
+        assert_eq!(
+            names,
+            vec!["call_started", "invitation_unanswered", "call_ended"],
+            "{status}: oldest first once reversed"
+        );
+        for d in letters {
+            assert_eq!(d["reason"], "max_attempts", "{d}");
+            assert_eq!(d["attempts"], 2, "{d}");
+            assert_eq!(d["refusals"], 2, "{d}");
+            assert_eq!(d["url"], format!("http://{addr}/hook"));
+            assert_eq!(d["body"]["data"]["call_id"], refused[0].as_str());
+        }
+        assert_eq!(
+            *r.followed.lock().expect("lock"),
+            0,
+            "redirects are not followed"
+        );
+
+        // The receiver takes events again: the next call's arrive, the dead ones never do.
+        *r.refusing.lock().expect("lock") = None;
+        let later = make_calls(&p, 1).await;
+        assert!(
+            wait_until(WAIT, || events(&r.inner).len() >= 3).await,
+            "{status}: {:?}",
+            events(&r.inner)
+        );
+        assert_lifecycles(&events(&r.inner), &later);
+        assert!(
+            events(&r.inner).iter().all(|(_, c)| c != &refused[0]),
+            "{status}: a dead letter is not delivered"
+        );
+        let text = reqwest::get(p.url("/metrics"))
+            .await
+            .expect("http")
+            .text()
+            .await
+            .expect("text");
+        assert!(
+            text.contains("switchboard_webhook_dead_letters_total{reason=\"max_attempts\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchboard_webhook_dead_letters 3"),
+            "{text}"
+        );
+
+        // A bad limit is a clear 400; without an admin token, 401.
+        let http = reqwest::Client::new();
+        let bad = http
+            .get(p.url("/v1/admin/webhooks/dead?limit=0"))
+            .bearer_auth(token("ops", true))
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(bad.status(), 400);
+        let user = http
+            .get(p.url("/v1/admin/webhooks/dead"))
+            .bearer_auth(token("alice", false))
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(user.status(), 401);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_for_a_receiver_taken_out_of_the_config_are_dropped_at_start() {
+    // Queue events for a receiver that never answers, then restart without it.
+    let hook_port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], hook_port).into();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("db");
+    let port = free_port();
+    let mut p = start(&db, port, &webhook_env(addr)).await;
+    make_calls(&p, 2).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = reqwest::get(p.url("/metrics"))
+            .await
+            .expect("http")
+            .text()
+            .await
+            .expect("text");
+        if text.contains("switchboard_webhook_backlog 6") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "six events queued: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    p.child.kill().expect("SIGKILL");
+    p.child.wait().expect("exits");
+    drop(p);
+    let other = Receiver::default();
+    let (other_addr, _h) = receiver(other.clone(), 0).await;
+    let p = start(&db, port, &webhook_env(other_addr)).await;
+    let text = reqwest::get(p.url("/metrics"))
+        .await
+        .expect("http")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains("switchboard_webhook_dropped_total 6"),
+        "{text}"
+    );
+    // The new receiver gets only what happens from now on.
+    let calls = make_calls(&p, 1).await;
+    assert!(wait_until(WAIT, || events(&other).len() >= 3).await);
+    assert_eq!(events(&other).len(), 3);
+    assert_lifecycles(&events(&other), &calls);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

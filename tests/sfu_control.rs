@@ -228,9 +228,15 @@ async fn a_late_joiner_gets_a_keyframe_within_a_second() {
         is_key(first_video),
         "carol's first video packet is a keyframe"
     );
+    // The request is counted by the publisher's RTCP reader: give it a moment to land.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while pa.keyframe_requests(0, None) <= requests_before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let requests_after = pa.keyframe_requests(0, None);
     assert!(
-        pa.keyframe_requests(0, None) > requests_before,
-        "the server sent a PLI to the publisher"
+        requests_after > requests_before,
+        "the server sent a PLI to the publisher ({requests_before} before carol, {requests_after} after)"
     );
     // The late joiner learned the layer's measured resolution, measured before it joined.
     let res = carol

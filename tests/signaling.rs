@@ -172,7 +172,9 @@ async fn one_to_one_call_invite_accept_and_room_completion_flow() {
 
 #[tokio::test]
 async fn decline_cancel_and_timeout_end_general_calls() {
-    let s = TestServer::start().await;
+    // Alice rings Bob again right after he declines: no re-invite cooldown here (its own test is in
+    // tests/hostile.rs).
+    let s = TestServer::start_with(|c| c.signaling.reinvite_cooldown = 0).await;
     let mut a = s.client("alice").await;
     let mut b = s.client("bob").await;
     // Decline.

@@ -169,6 +169,11 @@ def build():
     L.add(series("Sessions closed by the server", [
         (rate("switchboard_sessions_closed_total", "reason"), "{{reason}}"),
     ], unit="ops", stack=True), 6, 8)
+    L.add(series("Invitations refused by a quota", [
+        (rate("switchboard_invitations_refused_total", "reason"), "{{reason}}"),
+    ], unit="ops", stack=True, description="[signaling] calls_per_minute, invitations_per_minute, "
+                                           "reinvite_cooldown (recently_declined) and one ringing "
+                                           "invitation per inviter (already_ringing)."), 12, 8)
     L.add(series("Sessions refused at admission", [
         (rate("switchboard_sessions_refused_total", "cap"), "{{cap}}"),
     ], unit="ops", stack=True, description="WebSocket upgrades refused by a [sessions] cap or the "
@@ -260,7 +265,24 @@ def build():
     ], unit="ops", stack=True), 12, 8)
     L.add(series("Webhook outbox backlog", [
         (f"sum(switchboard_webhook_backlog{{{SEL}}})", "events waiting"),
+        (f"sum(switchboard_webhook_dead_letters{{{SEL}}})", "dead letters kept"),
     ]), 12, 8)
+    L.add(series("Webhook events given up", [
+        (rate("switchboard_webhook_dead_letters_total", "reason"), "dead: {{reason}}"),
+        (rate("switchboard_webhook_dropped_total"), "dropped: endpoint no longer configured"),
+    ], unit="ops", stack=True, description="Events moved to dead letters after [webhooks] max_attempts "
+                                           "refusals or max_age; see GET /v1/admin/webhooks/dead."), 24, 8)
+
+    L.row("HTTP")
+    L.add(series("Open HTTP connections", [
+        (f"sum(switchboard_http_connections{{{SEL}}})", "open"),
+    ], description="Accepted TCP connections, capped by [http] max_connections."), 8, 8)
+    L.add(series("HTTP connections refused", [
+        (rate("switchboard_http_connections_refused_total"), "refused/s (cap)"),
+    ], unit="ops"), 8, 8)
+    L.add(series("HTTP connections timed out", [
+        (rate("switchboard_http_timeouts_total", "kind"), "{{kind}}"),
+    ], unit="ops", stack=True, description="Closed for a slow request header or idleness."), 8, 8)
 
     L.row("Process")
     L.add(series("CPU", [

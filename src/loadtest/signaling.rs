@@ -453,7 +453,9 @@ impl SignalingReport {
             s.push_str(&format!(
                 "  rate limited: {} requests (retried). Each simulated user sends as fast as it is \
                  answered; to measure throughput, raise the server's [signaling] rate and burst \
-                 (SWITCHBOARD_SIGNALING_RATE, SWITCHBOARD_SIGNALING_BURST).\n",
+                 (SWITCHBOARD_SIGNALING_RATE, SWITCHBOARD_SIGNALING_BURST) and turn off the \
+                 invitation quotas (SWITCHBOARD_SIGNALING_CALLS_PER_MINUTE=0, \
+                 ..._INVITATIONS_PER_MINUTE=0).\n",
                 self.rate_limited
             ));
         }

@@ -338,13 +338,7 @@ pub async fn list_calls(
             Some(UserId::parse(u).map_err(|e| HttpError::bad_request(format!("user_id {e}")))?)
         }
     };
-    let limit = match q.limit.as_deref() {
-        None | Some("") => 50,
-        Some(l) => match l.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => return Err(HttpError::bad_request("limit must be 1..1000")),
-        },
-    };
+    let limit = parse_limit(q.limit.as_deref())?;
     let filter = CallFilter {
         state,
         user_id,
@@ -360,6 +354,45 @@ pub async fn list_calls(
     Ok(Json(json!({
         "calls": calls.iter().map(|c| c.info()).collect::<Vec<_>>(),
     })))
+}
+
+/// Query of `GET /v1/admin/webhooks/dead`.
+#[derive(Debug, Deserialize)]
+pub struct LimitQuery {
+    #[serde(default)]
+    limit: Option<String>,
+}
+
+/// `GET /v1/admin/webhooks/dead`: the webhook events given up on, newest first, with how many
+/// the store keeps.
+pub async fn dead_webhooks(
+    State(app): State<AppState>,
+    _admin: Admin,
+    q: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, HttpError> {
+    let Query(q) = q.map_err(|e| HttpError::bad_request(e.body_text()))?;
+    let limit = parse_limit(q.limit.as_deref())?;
+    let (dead, total) = app
+        .hub
+        .store()
+        .call(move |s| {
+            Ok::<_, crate::storage::StoreError>((s.dead_webhooks(limit)?, s.dead_webhook_count()?))
+        })
+        .await
+        .map_err(HttpError::internal)?
+        .map_err(HttpError::internal)?;
+    Ok(Json(json!({ "dead_letters": dead, "total": total })))
+}
+
+/// A `limit` query parameter: 1..1000, 50 when absent.
+fn parse_limit(raw: Option<&str>) -> Result<usize, HttpError> {
+    match raw {
+        None | Some("") => Ok(50),
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => Ok(n),
+            _ => Err(HttpError::bad_request("limit must be 1..1000")),
+        },
+    }
 }
 
 fn parse_call_id(raw: &str) -> Result<CallId, HttpError> {

@@ -777,6 +777,10 @@ fn record_notice(n: &Notice) {
             metrics::counter!(m::INVITEE_OUTCOMES, "state" => state.as_str()).increment(1);
             tracing::info!(call_id = %call_id, user_id = %user_id, state = state.as_str(), "invitee answered");
         }
+        Notice::InvitationRefused { inviter, reason } => {
+            metrics::counter!(m::INVITATIONS_REFUSED, "reason" => *reason).increment(1);
+            tracing::debug!(inviter = %inviter, reason, "invitation refused by a quota");
+        }
         Notice::InviteeOffline {
             call_id,
             user_id,

@@ -173,6 +173,17 @@ impl Server {
         let metrics = crate::metrics::install();
         let mut store = Store::open(&config.storage.path)?;
         store.set_webhook_urls(config.webhooks.urls.clone());
+        // Events for a receiver taken out of [webhooks] urls would wait for ever: nobody delivers
+        // them. Say so, count them, and let them go.
+        let dropped = store.drop_unconfigured_webhooks()?;
+        if dropped > 0 {
+            tracing::warn!(
+                events = dropped,
+                "dropped webhook events for receivers no longer in [webhooks] urls"
+            );
+            metrics::counter!(crate::metrics::WEBHOOK_DROPPED).increment(dropped as u64);
+        }
+        metrics::gauge!(crate::metrics::WEBHOOK_DEAD).set(store.dead_webhook_count()? as f64);
         let restored = store.started_calls()?;
         let n_restored = restored.len();
         let mut core = Signaling::new(Rules::from_config(&config.signaling));
@@ -332,6 +343,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(http::remove_participant),
         )
         .route("/v1/admin/drain", post(http::start_drain))
+        .route("/v1/admin/webhooks/dead", get(http::dead_webhooks))
         .route("/v1/openapi.json", get(openapi::openapi))
         .merge(web::routes())
         .fallback(http::not_found)

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use super::quota::{Exceeded, Quota, QuotaRules};
 use super::wire::{
     ApiError, CallArgs, CallInfo, CallState, CallUserView, CallingInviteArgs, CancelArgs,
     EndReason, ErrorCode, ErrorUser, Event, InviteArgs, Mode, Reply, UserState,
@@ -47,6 +48,8 @@ pub struct Rules {
     pub room_empty_timeout_ms: u64,
     /// Milliseconds an ended call stays in memory.
     pub ended_retention_ms: u64,
+    /// Per-caller invitation quotas ([`super::quota`]).
+    pub quota: QuotaRules,
 }
 
 impl Rules {
@@ -61,6 +64,11 @@ impl Rules {
             disconnect_grace_ms: c.disconnect_grace * 1000,
             room_empty_timeout_ms: c.room_empty_timeout * 1000,
             ended_retention_ms: 10 * 60 * 1000,
+            quota: QuotaRules {
+                calls_per_minute: c.calls_per_minute,
+                invitations_per_minute: c.invitations_per_minute,
+                reinvite_cooldown_ms: c.reinvite_cooldown * 1000,
+            },
         }
     }
 }
@@ -227,6 +235,15 @@ pub enum Notice {
         /// accepted, rejected, busy, cancelled or timeout.
         state: UserState,
     },
+    /// An invitation was not sent because of a quota ([`super::quota`]): `reason` is
+    /// `calls_per_minute`, `invitations_per_minute` (the whole op was refused), `recently_declined`
+    /// or `already_ringing` (that invitee was left out).
+    InvitationRefused {
+        /// Who tried to invite.
+        inviter: UserId,
+        /// Which rule.
+        reason: &'static str,
+    },
     /// An invitee had no live session when invited: the operator may push a notification.
     InviteeOffline {
         /// The call.
@@ -288,6 +305,10 @@ pub struct Signaling {
     new_call_id: Box<dyn FnMut(u64) -> CallId + Send>,
     /// A drain is under way: no new calls, joins or answers that start media.
     draining: bool,
+    /// Invitation quotas.
+    quota: Quota,
+    /// When the quotas were last pruned, ms.
+    quota_pruned: u64,
 }
 
 impl std::fmt::Debug for Signaling {
@@ -313,6 +334,8 @@ impl Signaling {
     /// A core that takes call IDs from `ids`, given the creation time in ms (tests use a counter).
     pub fn with_id_source(rules: Rules, ids: Box<dyn FnMut(u64) -> CallId + Send>) -> Self {
         Self {
+            quota: Quota::new(rules.quota),
+            quota_pruned: 0,
             rules,
             calls: HashMap::new(),
             rooms: HashMap::new(),
@@ -731,6 +754,8 @@ impl Signaling {
         {
             return Err(Self::busy_error(c));
         }
+        let mut error_users = error_users;
+        let invitees = self.apply_quota(now, &me, true, invitees, &mut error_users, out)?;
         if invitees.is_empty() {
             let reasons: Vec<String> = error_users
                 .iter()
@@ -808,6 +833,113 @@ impl Signaling {
             "timeout": timeout,
             "error_users": error_users,
         }))
+    }
+
+    /// The quota rules for an invitation from `me` to `invitees` ([`super::quota`]): leaves out
+    /// (into `error_users`) callees who declined `me` recently or have an invitation from `me`
+    /// ringing already, then refuses the whole op with `rate_limited` if `me` is over a per-minute
+    /// limit, or counts it. Returns the invitees to ring.
+    fn apply_quota(
+        &mut self,
+        now: u64,
+        me: &UserId,
+        new_call: bool,
+        invitees: Vec<UserId>,
+        error_users: &mut Vec<ErrorUser>,
+        out: &mut Output,
+    ) -> Result<Vec<UserId>, ApiError> {
+        self.prune_quota(now);
+        let mut kept = Vec::with_capacity(invitees.len());
+        let mut left_out = false;
+        for u in invitees {
+            let reason = if self.quota.cooling_down(me, &u, now) {
+                Some("recently_declined")
+            } else if self.ringing_from(me, &u) {
+                Some("already_ringing")
+            } else {
+                None
+            };
+            match reason {
+                Some(reason) => {
+                    left_out = true;
+                    out.effects.push(Effect::Notice(Notice::InvitationRefused {
+                        inviter: me.clone(),
+                        reason,
+                    }));
+                    error_users.push(ErrorUser {
+                        user_id: u.to_string(),
+                        reason,
+                    });
+                }
+                None => kept.push(u),
+            }
+        }
+        if kept.is_empty() {
+            if left_out {
+                let reasons: Vec<String> = error_users
+                    .iter()
+                    .map(|e| format!("{}: {}", e.user_id, e.reason))
+                    .collect();
+                let mut error = err(
+                    ErrorCode::RateLimited,
+                    format!("no invitee can be invited now ({})", reasons.join(", ")),
+                );
+                error.details = Some(json!({ "error_users": error_users }));
+                return Err(error);
+            }
+            return Ok(kept);
+        }
+        if let Err(e) = self.quota.check(me, new_call, kept.len(), now) {
+            out.effects.push(Effect::Notice(Notice::InvitationRefused {
+                inviter: me.clone(),
+                reason: e.as_str(),
+            }));
+            let (what, limit) = match e {
+                Exceeded::Calls { .. } => ("calls", self.rules.quota.calls_per_minute),
+                Exceeded::Invitations { .. } => {
+                    ("invitations", self.rules.quota.invitations_per_minute)
+                }
+            };
+            let retry_after = e.retry_at().saturating_sub(now).div_ceil(1000);
+            let mut error = err(
+                ErrorCode::RateLimited,
+                format!("at most {limit} {what} per minute"),
+            );
+            error.details = Some(if e.retry_at() == u64::MAX {
+                json!({ "limit": e.as_str() })
+            } else {
+                json!({ "limit": e.as_str(), "retry_after": retry_after })
+            });
+            return Err(error);
+        }
+        self.quota.record(me, new_call, kept.len(), now);
+        Ok(kept)
+    }
+
+    /// Forgets expired quota entries, at most every 10 s (they are bounded by the rates anyway).
+    fn prune_quota(&mut self, now: u64) {
+        if now >= self.quota_pruned.saturating_add(10_000) {
+            self.quota.prune(now);
+            self.quota_pruned = now;
+        }
+    }
+
+    /// Quota entries held (tests check they stay bounded).
+    pub fn quota_entries(&self) -> usize {
+        self.quota.entries()
+    }
+
+    /// Whether `callee` has an invitation from `inviter` ringing in any call.
+    fn ringing_from(&self, inviter: &UserId, callee: &UserId) -> bool {
+        let Some(p) = self.users.get(callee) else {
+            return false;
+        };
+        p.calls.iter().any(|id| {
+            self.calls
+                .get(id)
+                .and_then(|c| c.user(callee))
+                .is_some_and(|r| r.state.is_ringing() && &r.inviter == inviter)
+        })
     }
 
     /// The state a newly invited user starts in.
@@ -935,12 +1067,14 @@ impl Signaling {
                 format!("at most {} users in a call", self.rules.max_call_users),
             ));
         }
+        let timeout_secs = call.timeout_secs;
+        let invitees = self.apply_quota(now, &me, false, invitees, &mut error_users, out)?;
         if invitees.is_empty() {
             return Err(ApiError::bad_request(
                 "no invitee can be invited (see the reasons per user)",
             ));
         }
-        let deadline = now + u64::from(call.timeout_secs) * 1000;
+        let deadline = now + u64::from(timeout_secs) * 1000;
         let states: Vec<(UserId, UserState)> = invitees
             .iter()
             .map(|u| (u.clone(), self.initial_state(u, Some(&args.call_id))))
@@ -1188,7 +1322,11 @@ impl Signaling {
                 r.accept_time = now;
             } else {
                 r.leave_time = now;
+                self.quota.declined(&r.inviter, &me, now);
             }
+        }
+        if !accept {
+            self.prune_quota(now);
         }
         out.effects.push(Effect::Notice(Notice::InviteeOutcome {
             call_id: id.clone(),

@@ -7,6 +7,7 @@
 //! one input at a time (one order per call) and carries out what comes back.
 
 pub mod core;
+pub mod quota;
 pub mod wire;
 
 #[cfg(test)]

@@ -996,6 +996,14 @@ fn a_gone_invitee_can_be_invited_again_in_advanced_mode() {
     let call = h.invite(a, &["bob"], "advanced");
     h.ok(b, "call_reject", json!({"call_id": call}));
     assert_eq!(h.record(&call).state, CallState::Started);
+    // Not at once after his rejection (the re-invite cooldown), but once it has passed.
+    h.fails(
+        a,
+        "calling_invite",
+        json!({"call_id": call, "invitees": ["bob"]}),
+        ErrorCode::RateLimited,
+    );
+    h.advance(rules().quota.reinvite_cooldown_ms);
     h.ok(
         a,
         "calling_invite",
@@ -1755,4 +1763,209 @@ proptest! {
             }
         }
     }
+}
+
+// ----- invitation quotas -----
+
+fn refused_reasons(h: &H) -> Vec<&'static str> {
+    h.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Notice(Notice::InvitationRefused { reason, .. }) => Some(*reason),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_caller_creates_at_most_calls_per_minute_calls() {
+    let mut h = H::new();
+    let a = h.connect("alice");
+    h.connect("bob");
+    assert_eq!(rules().quota.calls_per_minute, 10, "the default");
+    for _ in 0..10 {
+        let call = h.invite(a, &["bob"], "general");
+        h.ok(a, "call_cancel", json!({"call_id": call}));
+        h.advance(1_000);
+    }
+    let e = h
+        .op(a, "call_invite", json!({"invitees": ["bob"]}))
+        .expect_err("11th call in a minute");
+    assert_eq!(e.code, ErrorCode::RateLimited);
+    // The first call was made at T0: one slot frees at T0 + 60 s, 50 s from now.
+    assert_eq!(
+        e.details,
+        Some(json!({"limit": "calls_per_minute", "retry_after": 50}))
+    );
+    assert_eq!(refused_reasons(&h), vec!["calls_per_minute"]);
+    assert_eq!(h.records.len(), 10, "the refused call was never created");
+    // Another caller is not limited by Alice's calls.
+    let c = h.connect("carol");
+    h.invite(c, &["dave"], "general");
+    h.advance(50_000);
+    h.invite(a, &["bob"], "general");
+}
+
+#[test]
+fn invitations_per_minute_counts_every_invitee_of_both_invite_ops() {
+    let mut r = rules();
+    r.quota.calls_per_minute = 0;
+    r.quota.invitations_per_minute = 12;
+    r.max_call_users = 20;
+    let mut h = H::with(r);
+    let a = h.connect("alice");
+    let call = h.invite(
+        a,
+        &["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8"],
+        "advanced",
+    );
+    h.ok(
+        a,
+        "calling_invite",
+        json!({"call_id": call, "invitees": ["u9", "u10"]}),
+    );
+    // Ten sent: three more are over twelve, whole op refused, nobody rung.
+    let e = h
+        .op(
+            a,
+            "calling_invite",
+            json!({"call_id": call, "invitees": ["u11", "u12", "u13"]}),
+        )
+        .expect_err("over the minute's invitations");
+    assert_eq!(e.code, ErrorCode::RateLimited);
+    assert_eq!(
+        e.details.as_ref().map(|d| d["limit"].clone()),
+        Some(json!("invitations_per_minute"))
+    );
+    assert!(
+        h.record(&call)
+            .users
+            .iter()
+            .all(|u| u.user_id.as_str() != "u11")
+    );
+    // Two still fit.
+    h.ok(
+        a,
+        "calling_invite",
+        json!({"call_id": call, "invitees": ["u11", "u12"]}),
+    );
+    assert_eq!(refused_reasons(&h), vec!["invitations_per_minute"]);
+}
+
+#[test]
+fn after_a_rejection_the_same_caller_waits_the_cooldown_but_others_and_the_callee_do_not() {
+    let mut h = H::new();
+    let a = h.connect("alice");
+    let b = h.connect("bob");
+    h.connect("carol");
+    let call = h.invite(a, &["bob"], "general");
+    h.ok(b, "call_reject", json!({"call_id": call}));
+    h.clear();
+    h.advance(1_000);
+    // Alice rings Bob and Carol: only Carol rings, Bob is left out with the reason.
+    let r = h.ok(
+        a,
+        "call_invite",
+        json!({"invitees": ["bob", "carol"], "timeout": 60}),
+    );
+    assert_eq!(
+        r["error_users"],
+        json!([{"user_id": "bob", "reason": "recently_declined"}])
+    );
+    let call2 = r["call_id"].as_str().expect("id").to_owned();
+    assert!(
+        h.record(&call2)
+            .users
+            .iter()
+            .all(|u| u.user_id.as_str() != "bob")
+    );
+    assert!(
+        h.take(b)
+            .iter()
+            .all(|e| e.name() != "call_invitation_received"),
+        "bob was not rung"
+    );
+    h.ok(a, "call_cancel", json!({"call_id": call2}));
+    // Bob alone: nothing to ring, so the op is refused as a quota, naming him.
+    let e = h
+        .op(a, "call_invite", json!({"invitees": ["bob"]}))
+        .expect_err("cooling down");
+    assert_eq!(e.code, ErrorCode::RateLimited);
+    assert_eq!(
+        e.details,
+        Some(json!({"error_users": [{"user_id": "bob", "reason": "recently_declined"}]}))
+    );
+    // Bob may call Alice back at once.
+    let back = h.invite(b, &["alice"], "general");
+    h.ok(b, "call_cancel", json!({"call_id": back}));
+    // Thirty seconds after the rejection Alice may ring him again.
+    h.advance(28_999);
+    assert!(
+        h.op(a, "call_invite", json!({"invitees": ["bob"]}))
+            .is_err()
+    );
+    h.advance(1);
+    h.invite(a, &["bob"], "general");
+    assert_eq!(
+        refused_reasons(&h),
+        vec![
+            "recently_declined",
+            "recently_declined",
+            "recently_declined"
+        ]
+    );
+}
+
+#[test]
+fn a_callee_has_at_most_one_invitation_ringing_from_one_inviter() {
+    let mut r = rules();
+    r.busy_policy = BusyPolicy::Allow;
+    let mut h = H::with(r);
+    let a = h.connect("alice");
+    let b = h.connect("bob");
+    h.invite(a, &["bob"], "general");
+    let r = h.ok(
+        a,
+        "call_invite",
+        json!({"invitees": ["bob", "carol"], "timeout": 60}),
+    );
+    assert_eq!(
+        r["error_users"],
+        json!([{"user_id": "bob", "reason": "already_ringing"}])
+    );
+    let rings = h
+        .take(b)
+        .iter()
+        .filter(|e| e.name() == "call_invitation_received")
+        .count();
+    assert_eq!(rings, 1, "bob rings once");
+    // Someone else may still ring him.
+    let c = h.connect("carol");
+    let r = h.ok(
+        c,
+        "call_invite",
+        json!({"invitees": ["bob"], "timeout": 60}),
+    );
+    assert_eq!(r["error_users"], json!([]));
+    assert_eq!(refused_reasons(&h), vec!["already_ringing"]);
+}
+
+#[test]
+fn quota_memory_is_pruned_as_time_passes() {
+    let mut h = H::new();
+    let mut sessions = Vec::new();
+    for i in 0..50 {
+        sessions.push(h.connect(&format!("caller{i}")));
+    }
+    h.connect("target");
+    for (i, s) in sessions.iter().enumerate() {
+        let call = h.invite(*s, &[&format!("v{i}")], "general");
+        h.ok(*s, "call_cancel", json!({"call_id": call}));
+    }
+    assert_eq!(h.core.quota_entries(), 50);
+    h.advance(70_000);
+    // The next op prunes what expired.
+    let call = h.invite(sessions[0], &["target"], "general");
+    h.ok(sessions[0], "call_cancel", json!({"call_id": call}));
+    assert_eq!(h.core.quota_entries(), 1);
 }

@@ -307,7 +307,8 @@ pub struct CallInfo {
 pub struct ErrorUser {
     /// The user ID as the client sent it.
     pub user_id: String,
-    /// `self`, `invalid_user_id`, `already_in_call` or `not_pending`.
+    /// `self`, `invalid_user_id`, `already_in_call`, `not_pending`, `recently_declined` or
+    /// `already_ringing`.
     pub reason: &'static str,
 }
 
