@@ -21,6 +21,8 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod fault;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod loadtest;
 pub mod metrics;

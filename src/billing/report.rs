@@ -211,6 +211,87 @@ impl UsageReport {
     }
 }
 
+/// The query parameters of `GET /v1/billing/usage`, as sent (all optional strings).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct UsageParams {
+    /// Start of the period (see [`parse_time`]); the start of this month when absent.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// End of the period; now when absent.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Only this call.
+    #[serde(default)]
+    pub call_id: Option<String>,
+    /// Only this user.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// `json` (default) or `csv`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// For CSV: rows per `call` (default) or per `user`.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// A checked usage request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRequest {
+    /// What to report.
+    pub query: ReportQuery,
+    /// CSV instead of JSON.
+    pub csv: bool,
+    /// CSV rows per user instead of per call.
+    pub by_user: bool,
+}
+
+impl UsageParams {
+    /// Checks the parameters at `now_ms`; the error is the message of a 400.
+    pub fn check(&self, now_ms: u64) -> Result<UsageRequest, String> {
+        let nonempty =
+            |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(str::to_owned);
+        let from = match nonempty(&self.from) {
+            Some(f) => parse_time(&f).map_err(|e| format!("from: {e}"))?,
+            None => month_start(now_ms),
+        };
+        let to = match nonempty(&self.to) {
+            Some(t) => parse_time(&t).map_err(|e| format!("to: {e}"))?,
+            None => now_ms,
+        };
+        if to <= from {
+            return Err("to must be after from".into());
+        }
+        let call_id = match nonempty(&self.call_id) {
+            Some(c) => Some(CallId::parse(&c).map_err(|e| format!("call_id {e}"))?),
+            None => None,
+        };
+        let user_id = match nonempty(&self.user_id) {
+            Some(u) => Some(UserId::parse(&u).map_err(|e| format!("user_id {e}"))?),
+            None => None,
+        };
+        let csv = match self.format.as_deref() {
+            None | Some("") | Some("json") => false,
+            Some("csv") => true,
+            Some(f) => return Err(format!("format {f:?}: use json or csv")),
+        };
+        let by_user = match self.group.as_deref() {
+            None | Some("") | Some("call") => false,
+            Some("user") => true,
+            Some(g) => return Err(format!("group {g:?}: use call or user")),
+        };
+        Ok(UsageRequest {
+            query: ReportQuery {
+                from_ms: from,
+                to_ms: to,
+                call_id,
+                user_id,
+            },
+            csv,
+            by_user,
+        })
+    }
+}
+
 /// Parses a report bound: a date (`2026-11-01`, midnight UTC), an RFC 3339 time
 /// (`2026-11-01T12:00:00Z`), or epoch milliseconds.
 pub fn parse_time(s: &str) -> Result<u64, String> {
@@ -266,6 +347,31 @@ fn csv_line(out: &mut String, fields: &[&str]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_params_default_to_this_month_and_refuse_what_they_cannot_read() {
+        let now = 1_793_491_200_000 + 5 * 86_400_000; // 2026-11-06
+        let r = UsageParams::default().check(now).expect("defaults");
+        assert_eq!((r.query.from_ms, r.query.to_ms), (1_793_491_200_000, now));
+        assert!(!r.csv && !r.by_user);
+        let p = |q: &str| serde_urlencoded::from_str::<UsageParams>(q).expect("query");
+        let r = p("from=2026-11-01&to=2026-11-02&format=csv&group=user&user_id=alice")
+            .check(now)
+            .expect("valid");
+        assert!(r.csv && r.by_user);
+        assert_eq!(r.query.user_id.as_ref().map(UserId::as_str), Some("alice"));
+        for (q, want) in [
+            ("from=2026-11-02&to=2026-11-01", "to must be after from"),
+            ("from=yesterday", "from: "),
+            ("format=xml", "format \"xml\""),
+            ("group=tier", "group \"tier\""),
+            ("user_id=has%20space", "user_id"),
+            ("call_id=a%2Fb", "call_id"),
+        ] {
+            let e = p(q).check(now).expect_err(q);
+            assert!(e.starts_with(want), "{q}: {e}");
+        }
+    }
 
     #[test]
     fn report_bounds_parse_dates_times_and_millis() {

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::hub::now_ms;
 use crate::auth::{AuthError, Identity};
+use crate::billing::report::{UsageParams, UsageRequest};
 use crate::ids::{CallId, UserId};
 use crate::signaling::wire::{ApiError, CallState, EndReason, ErrorCode};
 use crate::storage::CallFilter;
@@ -448,23 +449,6 @@ pub async fn not_found() -> HttpError {
     HttpError::new(StatusCode::NOT_FOUND, "bad_request", "no such endpoint")
 }
 
-/// Query of `GET /v1/billing/usage`.
-#[derive(Deserialize)]
-pub struct UsageQuery {
-    #[serde(default)]
-    from: Option<String>,
-    #[serde(default)]
-    to: Option<String>,
-    #[serde(default)]
-    call_id: Option<String>,
-    #[serde(default)]
-    user_id: Option<String>,
-    #[serde(default)]
-    format: Option<String>,
-    #[serde(default)]
-    group: Option<String>,
-}
-
 /// `GET /v1/billing/usage?from=&to=&call_id=&user_id=&format=json|csv&group=call|user`: usage per
 /// (user, tier) and per (call, user, tier) in `[from, to)`, with billable minutes. `from` defaults to the
 /// start of the current month (UTC), `to` to now. CSV has one table: per (call, user, tier) by default,
@@ -472,63 +456,22 @@ pub struct UsageQuery {
 pub async fn billing_usage(
     State(app): State<AppState>,
     _admin: Admin,
-    q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, HttpError> {
-    use crate::billing::report::{ReportQuery, build, month_start, parse_time};
+    use crate::billing::report::build;
     let Query(q) = q.map_err(|e| HttpError::bad_request(e.body_text()))?;
     let now = now_ms();
-    let nonempty = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(str::to_owned);
-    let from = match nonempty(&q.from) {
-        Some(f) => parse_time(&f).map_err(|e| HttpError::bad_request(format!("from: {e}")))?,
-        None => month_start(now),
-    };
-    let to = match nonempty(&q.to) {
-        Some(t) => parse_time(&t).map_err(|e| HttpError::bad_request(format!("to: {e}")))?,
-        None => now,
-    };
-    if to <= from {
-        return Err(HttpError::bad_request("to must be after from"));
-    }
-    let call_id = match nonempty(&q.call_id) {
-        Some(c) => {
-            Some(CallId::parse(&c).map_err(|e| HttpError::bad_request(format!("call_id {e}")))?)
-        }
-        None => None,
-    };
-    let user_id = match nonempty(&q.user_id) {
-        Some(u) => {
-            Some(UserId::parse(&u).map_err(|e| HttpError::bad_request(format!("user_id {e}")))?)
-        }
-        None => None,
-    };
-    let csv = match q.format.as_deref() {
-        None | Some("") | Some("json") => false,
-        Some("csv") => true,
-        Some(f) => {
-            return Err(HttpError::bad_request(format!(
-                "format {f:?}: use json or csv"
-            )));
-        }
-    };
-    let by_user = match q.group.as_deref() {
-        None | Some("") | Some("call") => false,
-        Some("user") => true,
-        Some(g) => {
-            return Err(HttpError::bad_request(format!(
-                "group {g:?}: use call or user"
-            )));
-        }
-    };
+    let UsageRequest {
+        query,
+        csv,
+        by_user,
+    } = q.check(now).map_err(HttpError::bad_request)?;
+    let (from, to) = (query.from_ms, query.to_ms);
+    let (call_id, user_id) = (query.call_id.clone(), query.user_id.clone());
     // Segments still running are closed first, so the report includes everything up to now.
     if to > now.saturating_sub(app.hub.config().billing.checkpoint * 1000) {
         app.biller.flush().await;
     }
-    let query = ReportQuery {
-        from_ms: from,
-        to_ms: to,
-        call_id: call_id.clone(),
-        user_id: user_id.clone(),
-    };
     let rows = app
         .hub
         .store()

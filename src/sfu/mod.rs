@@ -102,8 +102,8 @@
 //!   candidates per connection. Over a limit is [`SfuError::Limit`] (`bad_request`).
 //! - Dropping the last [`Sfu`] handle does not stop the threads; call [`Sfu::shutdown`].
 
-mod limits;
-mod net;
+pub(crate) mod limits;
+pub(crate) mod net;
 mod routes;
 mod worker;
 

@@ -357,6 +357,23 @@ mod tests {
     }
 
     #[test]
+    fn an_unspecified_bind_announces_the_interface_addresses_from_getifaddrs() {
+        let cfg = MediaConfig::default();
+        for local in ["0.0.0.0:7000", "[::]:7000"] {
+            let local: SocketAddr = local.parse().expect("addr");
+            let got = host_candidates(&cfg, local);
+            assert!(!got.is_empty(), "{local}: at least the loopback fallback");
+            for a in &got {
+                assert_eq!(a.port(), 7000);
+                assert_eq!(a.is_ipv4(), local.is_ipv4(), "{a} is of the bound family");
+                assert!(!a.ip().is_unspecified());
+            }
+        }
+        // The raw list (read through getifaddrs and freed again) has this host's loopback.
+        assert!(interface_addrs().iter().any(|ip| ip.is_loopback()));
+    }
+
+    #[test]
     fn malformed_stun_is_refused_without_panicking() {
         let d = stun_with_username(b"0001x:y");
         for cut in 0..d.len() {

@@ -715,3 +715,54 @@ pub(crate) fn corpus() -> Vec<(VideoCodec, Vec<u8>)> {
     }
     out
 }
+
+/// Writes the seed corpus of the `codecs` fuzz target (fuzz/fuzz_targets/codecs.rs) from the real
+/// fixtures: per file, a codec byte then the first packets as (marker bit | 15-bit length, payload).
+/// Run by `scripts/fuzz seeds`.
+#[test]
+#[ignore = "writes fuzz/seeds/codecs; run by scripts/fuzz seeds"]
+fn write_fuzz_seeds() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/codecs");
+    std::fs::create_dir_all(&dir).expect("seed dir");
+    let mut sets: Vec<(String, u8, Vec<Packet>)> = Vec::new();
+    for path in fixtures("vp8_") {
+        let frames = ivf_frames(&path);
+        sets.push((name(&path), 0, vp8_packetize(&frames, 600, true)));
+    }
+    for path in fixtures("vp9_") {
+        let frames = ivf_frames(&path);
+        sets.push((name(&path), 1, vp9_packetize(&frames, 600, false)));
+    }
+    for path in fixtures("h264_") {
+        let units = h264_access_units(&path);
+        sets.push((name(&path), 2, h264_packetize(&units, 600)));
+    }
+    for path in fixtures("av1_") {
+        let frames = ivf_frames(&path);
+        sets.push((
+            name(&path),
+            3,
+            with_payloader(&frames, Av1Payloader::default(), 600),
+        ));
+    }
+    for (name, codec, packets) in sets {
+        let mut seed = vec![codec];
+        for p in packets.iter().take(24) {
+            let len = p.payload.len().min(0x7fff);
+            if seed.len() + 2 + len > 16_384 {
+                break;
+            }
+            let head = (u16::from(p.marker) << 15) | len as u16;
+            seed.extend_from_slice(&head.to_be_bytes());
+            seed.extend_from_slice(&p.payload[..len]);
+        }
+        std::fs::write(dir.join(format!("{name}.bin")), seed).expect("write seed");
+    }
+
+    fn name(path: &Path) -> String {
+        path.file_stem()
+            .and_then(|s| s.to_str())
+            .expect("stem")
+            .to_owned()
+    }
+}
