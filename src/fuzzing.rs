@@ -16,7 +16,7 @@ pub fn stun_route(datagram: &[u8]) -> Option<(String, Option<usize>)> {
 
 /// The media-signaling limits on one SDP and trickled candidate lines: what the worker reads
 /// before str0m parses anything. Returns the m-line count, the sending sections and the distinct
-/// candidates accepted under `max_candidates`.
+/// candidates held after all of them, which never exceed `max_candidates`.
 pub fn sdp_limits(sdp: &str, trickled: &[&str], max_candidates: usize) -> (usize, usize, usize) {
     let summary = limits::summarize(sdp);
     assert!(
@@ -27,15 +27,14 @@ pub fn sdp_limits(sdp: &str, trickled: &[&str], max_candidates: usize) -> (usize
     if set.check(&summary.candidates, max_candidates).is_ok() {
         set.add(summary.candidates.clone());
     }
-    let mut accepted = 0;
     for line in trickled {
         if let Some(k) = limits::candidate_key(line) {
             let keys = [k];
             if set.check(&keys, max_candidates).is_ok() {
                 set.add(keys);
-                accepted += 1;
             }
         }
+        assert!(set.len() <= max_candidates, "the candidate cap holds");
     }
-    (summary.mlines, summary.sending, accepted)
+    (summary.mlines, summary.sending, set.len())
 }

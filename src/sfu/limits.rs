@@ -192,7 +192,6 @@ impl CandidateSet {
     }
 
     /// Distinct candidates known.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.keys.len()
     }
