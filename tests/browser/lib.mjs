@@ -105,6 +105,9 @@ export class TestServer {
       SWITCHBOARD_MEDIA_UDP_PORT: '0',
       // Stopping at the end should not wait out calls in progress (SIGTERM drains them).
       SWITCHBOARD_SERVER_DRAIN_TIMEOUT: '1',
+      // The group-call scenario rings again a user who declined: 2 s of re-invite cooldown, not 30
+      // (the rule itself is tested in tests/hostile.rs).
+      SWITCHBOARD_SIGNALING_REINVITE_COOLDOWN: '2',
       RUST_LOG: process.env.RUST_LOG ?? 'info',
     };
     if (!this.dev) this.env.SWITCHBOARD_AUTH_SECRET = randomBytes(32).toString('hex');

@@ -252,6 +252,7 @@ export const scenarios = [
 
       await click(noah, /^Accept/);
       await click(olga, /^Decline/);
+      const declinedAt = Date.now();
       await maya.page.locator('.toast', { hasText: 'Olga Ivanova declined' }).waitFor({ timeout: 5000 });
       await expectTileGone(maya, 'olga');
       await noah.view('call');
@@ -259,7 +260,9 @@ export const scenarios = [
       await noah.expectVideoFrom('maya');
       await maya.shot('two-of-three');
 
-      // Invite more: Olga, again, from inside the call.
+      // Invite more: Olga, again, from inside the call, once the re-invite cooldown after her
+      // decline has passed (2 s on the test server).
+      await new Promise((r) => setTimeout(r, Math.max(0, declinedAt + 2500 - Date.now())));
       await click(maya, 'Invite more people');
       await maya.page.getByLabel('User IDs', { exact: true }).fill('olga');
       await maya.shot('invite-dialog');
