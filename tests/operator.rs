@@ -105,6 +105,16 @@ fn events(r: &Receiver) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The server's /metrics page.
+async fn metrics_text(p: &Proc) -> String {
+    reqwest::get(p.url("/metrics"))
+        .await
+        .expect("http")
+        .text()
+        .await
+        .expect("text")
+}
+
 async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -190,12 +200,7 @@ async fn webhooks_are_signed_ordered_per_call_and_redelivered_after_an_outage() 
     // Retries were counted, and the backlog gauge comes back to zero.
     let mut text = String::new();
     for _ in 0..100 {
-        text = reqwest::get(p.url("/metrics"))
-            .await
-            .expect("http")
-            .text()
-            .await
-            .expect("text");
+        text = metrics_text(&p).await;
         if text.contains("switchboard_webhook_backlog 0") {
             break;
         }
@@ -340,12 +345,7 @@ async fn an_event_the_receiver_keeps_refusing_is_dead_lettered_and_the_later_one
             events(&r.inner).iter().all(|(_, c)| c != &refused[0]),
             "{status}: a dead letter is not delivered"
         );
-        let text = reqwest::get(p.url("/metrics"))
-            .await
-            .expect("http")
-            .text()
-            .await
-            .expect("text");
+        let text = metrics_text(&p).await;
         assert!(
             text.contains("switchboard_webhook_dead_letters_total{reason=\"max_attempts\"} 3"),
             "{text}"
@@ -386,12 +386,7 @@ async fn events_for_a_receiver_taken_out_of_the_config_are_dropped_at_start() {
     make_calls(&p, 2).await;
     let deadline = Instant::now() + WAIT;
     loop {
-        let text = reqwest::get(p.url("/metrics"))
-            .await
-            .expect("http")
-            .text()
-            .await
-            .expect("text");
+        let text = metrics_text(&p).await;
         if text.contains("switchboard_webhook_backlog 6") {
             break;
         }
@@ -404,12 +399,7 @@ async fn events_for_a_receiver_taken_out_of_the_config_are_dropped_at_start() {
     let other = Receiver::default();
     let (other_addr, _h) = receiver(other.clone(), 0).await;
     let p = start(&db, port, &webhook_env(other_addr)).await;
-    let text = reqwest::get(p.url("/metrics"))
-        .await
-        .expect("http")
-        .text()
-        .await
-        .expect("text");
+    let text = metrics_text(&p).await;
     assert!(
         text.contains("switchboard_webhook_dropped_total 6"),
         "{text}"

@@ -14,7 +14,6 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use switchboard::billing::ConsumerUpdate;
 use switchboard::client::rtc::{Outgoing, Publisher, Subscriber, TrackSpec};
-use switchboard::config::MediaConfig;
 use switchboard::ids::{CallId, SessionId, UserId};
 use switchboard::sfu::{MediaSink, RtcEvent, Sfu};
 use tokio::sync::mpsc;
@@ -43,18 +42,10 @@ const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 fn setup() -> &'static Setup {
     static S: OnceLock<Setup> = OnceLock::new();
     S.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = switchboard_fuzz::runtime();
         let (publisher, sfu) = rt.block_on(async {
             let (tx, mut offers) = mpsc::unbounded_channel();
-            let cfg = MediaConfig {
-                udp_port: 0,
-                workers: 1,
-                ..MediaConfig::default()
-            };
+            let cfg = switchboard_fuzz::one_worker();
             let sfu = Sfu::start(&cfg, std::sync::Arc::new(Offers(tx))).expect("engine");
             let room = CallId::generate(1);
             let (alice, bob) = (

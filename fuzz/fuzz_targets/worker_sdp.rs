@@ -7,34 +7,16 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use libfuzzer_sys::fuzz_target;
-use switchboard::billing::ConsumerUpdate;
-use switchboard::config::MediaConfig;
 use switchboard::ids::{CallId, SessionId, UserId};
-use switchboard::sfu::{IceCandidateInit, MediaSink, PcTarget, RtcEvent, Sfu};
-
-struct Quiet;
-
-impl MediaSink for Quiet {
-    fn deliver(&self, _session: SessionId, _event: RtcEvent) {}
-    fn room_changed(&self, _room: &CallId, _participants: usize, _at_ms: u64) {}
-    fn consumer_changed(&self, _update: ConsumerUpdate) {}
-}
+use switchboard::sfu::{IceCandidateInit, PcTarget, Sfu};
 
 fn engine() -> &'static (tokio::runtime::Runtime, Sfu) {
     static E: OnceLock<(tokio::runtime::Runtime, Sfu)> = OnceLock::new();
     E.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let cfg = MediaConfig {
-            udp_port: 0,
-            workers: 1,
-            ..MediaConfig::default()
-        };
+        let rt = switchboard_fuzz::runtime();
+        let cfg = switchboard_fuzz::one_worker();
         let sfu = rt
-            .block_on(async { Sfu::start(&cfg, std::sync::Arc::new(Quiet)) })
+            .block_on(async { Sfu::start(&cfg, std::sync::Arc::new(switchboard_fuzz::Quiet)) })
             .expect("engine starts on 127.0.0.1");
         (rt, sfu)
     })
