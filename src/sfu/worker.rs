@@ -211,6 +211,8 @@ struct Participant {
     subscriber: Option<ConnId>,
     pending_offer: Option<SdpPendingOffer>,
     renegotiate: bool,
+    /// The subscriber connection has had an answer accepted (see `renegotiate`).
+    sub_answered: bool,
     consumers: HashMap<TrackId, Consumer>,
     bwe: Option<u64>,
     joined_seq: u64,
@@ -852,6 +854,7 @@ impl Worker {
                 subscriber: None,
                 pending_offer: None,
                 renegotiate: false,
+                sub_answered: false,
                 consumers: HashMap::new(),
                 bwe: None,
                 joined_seq: seq,
@@ -962,6 +965,7 @@ impl Worker {
         let result = match accepted {
             Ok(()) => {
                 conn.candidates.add(summary.candidates);
+                p.sub_answered = true;
                 for c in p.consumers.values_mut() {
                     if c.ssrc.is_none() {
                         let mut api = conn.rtc.direct_api();
@@ -1205,6 +1209,26 @@ impl Worker {
             .filter(|t| t.owner != *user && !p.consumers.contains_key(&t.id))
             .collect();
         wanted.sort_by(|a, b| (&a.owner, a.mid.to_string()).cmp(&(&b.owner, b.mid.to_string())));
+        // The first offer on a subscriber connection carries at most one track of each kind;
+        // the rest follow in the next offer, once it is answered. aiortc (1.16, default
+        // "balanced" bundle policy) ties the second track of the kind that is not first in the
+        // offer to a transport it then discards when it applies BUNDLE: a late joiner offered
+        // two publishers' audio and video at once never connected. Once the first answer is in,
+        // every transceiver sits on the bundled transport and later offers may hold any number.
+        let mut held_back = false;
+        if !p.sub_answered {
+            let (mut audio, mut video) = (false, false);
+            wanted.retain(|t| {
+                let seen = match t.kind {
+                    MediaKind::Audio => &mut audio,
+                    MediaKind::Video => &mut video,
+                };
+                let keep = !*seen;
+                *seen = true;
+                held_back |= !keep;
+                keep
+            });
+        }
         let gone: Vec<TrackId> = p
             .consumers
             .keys()
@@ -1283,6 +1307,7 @@ impl Worker {
         }
         if let Some((offer, pending)) = api.apply() {
             p.pending_offer = Some(pending);
+            p.renegotiate |= held_back;
             let mut sdp = offer.to_sdp_string();
             // str0m keeps only RFC 8830 token characters in msid; user IDs may also contain
             // '@'. Put the exact `<user_id> <track_id>` back (the track ID is all token chars).

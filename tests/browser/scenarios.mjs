@@ -261,7 +261,8 @@ export const scenarios = [
       await maya.shot('two-of-three');
 
       // Invite more: Olga, again, from inside the call, once the re-invite cooldown after her
-      // decline has passed (2 s on the test server).
+      // decline has passed (2 s on the test server). She is the Chromium late joiner: Maya and
+      // Noah publish already, so her first subscriber offers bring two publishers at once.
       await new Promise((r) => setTimeout(r, Math.max(0, declinedAt + 2500 - Date.now())));
       await click(maya, 'Invite more people');
       await maya.page.getByLabel('User IDs', { exact: true }).fill('olga');
