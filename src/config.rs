@@ -61,6 +61,8 @@ pub struct Config {
     pub billing: BillingConfig,
     /// Operator webhooks.
     pub webhooks: WebhooksConfig,
+    /// TURN servers handed to clients.
+    pub turn: TurnConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -365,6 +367,28 @@ impl Default for WebhooksConfig {
     }
 }
 
+/// `[turn]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnConfig {
+    /// `turn:`, `turns:` (and `stun:`) URLs given to clients in `rtc_join`'s `ice_servers`.
+    pub urls: Vec<String>,
+    /// The secret shared with the TURN server (coturn's `static-auth-secret`). Required with `urls`.
+    pub secret: String,
+    /// Seconds a handed-out credential stays valid.
+    pub ttl: u64,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            secret: String::new(),
+            ttl: 86_400,
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -622,6 +646,27 @@ impl Config {
                 }
             }
         }
+        range("turn.ttl", self.turn.ttl, 60, 30 * 86_400)?;
+        for url in &self.turn.urls {
+            let scheme_ok = ["turn:", "turns:", "stun:", "stuns:"]
+                .iter()
+                .any(|p| url.starts_with(p) && url.len() > p.len());
+            if !scheme_ok || url.chars().any(char::is_whitespace) {
+                return invalid(
+                    "turn.urls",
+                    "each URL must be turn:, turns:, stun: or stuns: and a host (RFC 7064/7065)",
+                );
+            }
+        }
+        if self.turn.urls.len() > 16 {
+            return invalid("turn.urls", "at most 16 URLs");
+        }
+        if self.turn.urls.iter().any(|u| u.starts_with("turn")) && self.turn.secret.is_empty() {
+            return invalid(
+                "turn.secret",
+                "required when turn.urls has a turn: or turns: URL",
+            );
+        }
         if !self.webhooks.urls.is_empty() && self.webhooks.signing_key.is_empty() {
             return invalid("webhooks.signing_key", "required when webhooks.urls is set");
         }
@@ -714,11 +759,16 @@ const SECTIONS: &[&str] = &[
     "media",
     "billing",
     "webhooks",
+    "turn",
     "log",
 ];
 
 /// Keys whose value is a list of strings.
-const LIST_KEYS: &[(&str, &str)] = &[("media", "public_ips"), ("webhooks", "urls")];
+const LIST_KEYS: &[(&str, &str)] = &[
+    ("media", "public_ips"),
+    ("webhooks", "urls"),
+    ("turn", "urls"),
+];
 
 /// `signaling_busy_policy` → (`signaling`, `busy_policy`), for a known section.
 fn split_env_name(lower: &str) -> Option<(&'static str, String)> {
@@ -989,6 +1039,13 @@ mod tests {
                 "signaling.reinvite_cooldown",
             ),
             ("[webhooks]\nmax_age = 1\n", "webhooks.max_age"),
+            ("[turn]\nttl = 10\n", "turn.ttl"),
+            (
+                "[turn]\nurls = [\"http://t\"]\nsecret = \"s\"\n",
+                "turn.urls",
+            ),
+            ("[turn]\nurls = [\"turn:\"]\nsecret = \"s\"\n", "turn.urls"),
+            ("[turn]\nurls = [\"turn:t:3478\"]\n", "turn.secret"),
         ] {
             let e = Config::from_toml_and_env(text, "t", []).expect_err(key);
             assert!(e.to_string().starts_with(key), "{e}");

@@ -31,4 +31,5 @@ pub mod server;
 pub mod sfu;
 pub mod signaling;
 pub mod storage;
+pub mod turn;
 pub mod webhooks;

@@ -209,7 +209,12 @@ impl MediaPlane {
                         "the call changed while joining",
                     ));
                 }
-                Ok(json!({ "participants": r.participants }))
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let ice_servers = crate::turn::ice_servers(&self.hub.config().turn, &user, now);
+                Ok(json!({ "participants": r.participants, "ice_servers": ice_servers }))
             }
             Op::RtcPublish(a) => {
                 let user = self.participant(session, &a.call_id)?;

@@ -9,7 +9,9 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -244,3 +246,77 @@ def point_candidates_at(sdp: str, port: int) -> str:
     def fix(m: re.Match) -> str:
         return f"{m.group(1)}127.0.0.1 {port} typ host"
     return re.sub(r"(a=candidate:\S+ \d+ udp \d+ )\S+ \d+ typ host", fix, sdp, flags=re.I)
+
+
+class Coturn:
+    """A real TURN server (Debian's coturn, `turnserver`) on 127.0.0.1, checking TURN REST
+    credentials with `use-auth-secret` and `static-auth-secret` as deploy/coturn/turnserver.conf
+    does. Loopback peers are allowed, since the Switchboard media port is on 127.0.0.1 here."""
+
+    def __init__(self, workdir: Path, secret: str):
+        self.workdir = workdir
+        self.secret = secret
+        self.port = _free_udp_port()
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_path = workdir / "turnserver.log"
+
+    @property
+    def url(self) -> str:
+        return f"turn:127.0.0.1:{self.port}?transport=udp"
+
+    def start(self, timeout: float = 10) -> None:
+        binary = shutil.which("turnserver")
+        assert binary, "coturn is missing (apt-get install coturn; scripts/test installs it)"
+        conf = self.workdir / "turnserver.conf"
+        conf.write_text("\n".join([
+            "listening-ip=127.0.0.1",
+            f"listening-port={self.port}",
+            "relay-ip=127.0.0.1",
+            "min-port=40000",
+            "max-port=40999",
+            "use-auth-secret",
+            f"static-auth-secret={self.secret}",
+            "realm=switchboard.test",
+            "fingerprint",
+            "no-tls",
+            "no-dtls",
+            "no-tcp",
+            "no-cli",
+            "allow-loopback-peers",
+            "no-software-attribute",
+            f"pidfile={self.workdir / 'turnserver.pid'}",
+            f"log-file={self.log_path}",
+            "simple-log",
+            "verbose",
+            "",
+        ]))
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"turnserver exited: {self.log()}"
+            if "listener opened on" in self.log() or "IPv4. UDP listener opened" in self.log():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"turnserver did not open its listener: {self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional
 import websockets
 from aiortc import (
     RTCConfiguration,
+    RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCRtpSender,
     RTCSessionDescription,
@@ -302,20 +304,25 @@ class Room:
     """A participant's media in the room named by `call_id` (section 4)."""
 
     def __init__(self, signal: Signal, call_id: str, video_codec: Optional[str] = None,
-                 rewrite_offer: Optional[Callable[[str], str]] = None, trickle: bool = False):
+                 rewrite_offer: Optional[Callable[[str], str]] = None, trickle: bool = False,
+                 relay_only: bool = False):
         """`video_codec` ("VP8", "H264") restricts what the publisher offers. `rewrite_offer`
         lets a test change the server's subscriber offer before it is applied (the loss test
         points the server's candidate at a relay). `trickle`: send our candidates with
-        rtc_candidate after the offer/answer instead of inside it."""
+        rtc_candidate after the offer/answer instead of inside it. `relay_only`: gather only relay
+        candidates, through the TURN servers rtc_join hands out (ice_servers)."""
         self.signal = signal
         self.call_id = call_id
         self.video_codec = video_codec
         self.rewrite_offer = rewrite_offer
         self.trickle = trickle
-        # doc: the server's SDP carries its host candidates, so no STUN/TURN servers are needed.
-        config = RTCConfiguration(iceServers=[])
-        self.publisher = RTCPeerConnection(config)
-        self.subscriber = RTCPeerConnection(config)
+        # The TURN servers come with rtc_join (ice_servers); the connections are made again then,
+        # before either has offered or answered anything.
+        self.relay_only = relay_only
+        self.ice_servers: list[dict] = []
+        self._joined = asyncio.Event()
+        self.publisher = RTCPeerConnection(self._config())
+        self.subscriber = RTCPeerConnection(self._config())
         self.received: dict[tuple[str, str], Received] = {}
         self.offers_answered = 0
         self.participants: list[dict] = []
@@ -325,6 +332,12 @@ class Room:
         self._answering = asyncio.create_task(self._answer_offers())
         signal.on_event(self._on_event)
         self.errors: list[BaseException] = []
+
+    def _config(self) -> RTCConfiguration:
+        servers = [RTCIceServer(urls=s["urls"], username=s.get("username"),
+                                credential=s.get("credential")) for s in self.ice_servers]
+        policy = RTCIceTransportPolicy.RELAY if self.relay_only else RTCIceTransportPolicy.ALL
+        return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
 
     def _on_event(self, ev: Event) -> None:
         if self._closing or ev.data.get("call_id") != self.call_id:
@@ -351,8 +364,18 @@ class Room:
 
     async def join(self) -> list[dict]:
         """`rtc_join`: enters the room; returns the other participants with their tracks."""
-        result = await self.signal.request("rtc_join", call_id=self.call_id)
-        self.participants = result["participants"]
+        try:
+            result = await self.signal.request("rtc_join", call_id=self.call_id)
+            self.participants = result["participants"]
+            self.ice_servers = result["ice_servers"]
+            if self.ice_servers:
+                await self.publisher.close()
+                await self.subscriber.close()
+                self.publisher = RTCPeerConnection(self._config())
+                self.subscriber = RTCPeerConnection(self._config())
+        finally:
+            # Offers that overtook the reply wait for the connections made with ice_servers.
+            self._joined.set()
         return self.participants
 
     async def publish(self, tracks: list[MediaStreamTrack]) -> str:
@@ -432,6 +455,7 @@ class Room:
             sdp = await self._offers.get()
             if sdp is None:
                 return
+            await self._joined.wait()
             try:
                 if self.rewrite_offer:
                     sdp = self.rewrite_offer(sdp)
