@@ -32,6 +32,9 @@ use rtc::peer_connection::configuration::interceptor_registry::register_default_
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8, MediaEngine,
 };
+use rtc::peer_connection::configuration::{
+    RTCConfiguration, RTCConfigurationBuilder, RTCIceServer, RTCIceTransportPolicy,
+};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -283,10 +286,71 @@ struct Pc {
     gathered: watch::Receiver<bool>,
 }
 
+/// The ICE servers a connection uses (`rtc_join`'s `ice_servers`, docs/protocol.md) and whether it may
+/// gather only relay candidates.
+#[derive(Debug, Clone, Default)]
+pub struct IceConfig {
+    /// `(urls, username, credential)` per server.
+    pub servers: Vec<(Vec<String>, String, String)>,
+    /// Gather relay candidates only (every packet goes through a TURN server).
+    pub relay_only: bool,
+}
+
+impl IceConfig {
+    /// The servers of an `rtc_join` result (`ice_servers`), all candidate types allowed. Entries
+    /// that are not `{urls, username, credential}` are skipped.
+    pub fn from_join(result: &serde_json::Value) -> Self {
+        let servers = result
+            .get("ice_servers")
+            .and_then(|v| v.as_array())
+            .map(|list| {
+                list.iter()
+                    .filter_map(|s| {
+                        let urls = s
+                            .get("urls")?
+                            .as_array()?
+                            .iter()
+                            .filter_map(|u| u.as_str().map(str::to_owned))
+                            .collect();
+                        let user = s.get("username")?.as_str()?.to_owned();
+                        let cred = s.get("credential")?.as_str()?.to_owned();
+                        Some((urls, user, cred))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            servers,
+            relay_only: false,
+        }
+    }
+
+    fn configuration(&self) -> RTCConfiguration {
+        let servers = self
+            .servers
+            .iter()
+            .map(|(urls, username, credential)| RTCIceServer {
+                urls: urls.clone(),
+                username: username.clone(),
+                credential: credential.clone(),
+            })
+            .collect();
+        RTCConfigurationBuilder::new()
+            .with_ice_servers(servers)
+            .with_ice_transport_policy(if self.relay_only {
+                RTCIceTransportPolicy::Relay
+            } else {
+                RTCIceTransportPolicy::All
+            })
+            .build()
+    }
+}
+
 async fn build_pc(
     local: SocketAddr,
     tracks: Option<mpsc::UnboundedSender<Arc<dyn TrackRemote>>>,
     keyframes: Option<Arc<Mutex<HashMap<u32, u64>>>>,
+    ice: &IceConfig,
 ) -> Result<Pc, ClientError> {
     let mut me = media_engine()?;
     let mut registry = register_default_interceptors(Registry::new(), &mut me)?;
@@ -308,6 +372,7 @@ async fn build_pc(
         tracks,
     });
     let pc = PeerConnectionBuilder::new()
+        .with_configuration(ice.configuration())
         .with_media_engine(me)
         .with_interceptor_registry(registry)
         .with_handler(handler)
@@ -386,8 +451,18 @@ impl Publisher {
         stream_id: &str,
         specs: &[TrackSpec],
     ) -> Result<Self, ClientError> {
+        Self::with_ice(local, stream_id, specs, &IceConfig::default()).await
+    }
+
+    /// Like [`Publisher::new_at`], with ICE servers (TURN) and policy.
+    pub async fn with_ice(
+        local: SocketAddr,
+        stream_id: &str,
+        specs: &[TrackSpec],
+        ice: &IceConfig,
+    ) -> Result<Self, ClientError> {
         let keyframes = Arc::new(Mutex::new(HashMap::new()));
-        let pc = build_pc(local, None, Some(keyframes.clone())).await?;
+        let pc = build_pc(local, None, Some(keyframes.clone()), ice).await?;
         let mut tracks = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
             let (codec, kind) = match spec.kind {
@@ -614,9 +689,14 @@ pub struct Subscriber {
 impl Subscriber {
     /// A subscriber bound to `ip`.
     pub async fn new(ip: IpAddr) -> Result<Self, ClientError> {
+        Self::with_ice(ip, &IceConfig::default()).await
+    }
+
+    /// Like [`Subscriber::new`], with ICE servers (TURN) and policy.
+    pub async fn with_ice(ip: IpAddr, ice: &IceConfig) -> Result<Self, ClientError> {
         let (track_tx, mut track_rx) = mpsc::unbounded_channel::<Arc<dyn TrackRemote>>();
         let (pkt_tx, packets) = mpsc::unbounded_channel();
-        let pc = build_pc(SocketAddr::new(ip, 0), Some(track_tx), None).await?;
+        let pc = build_pc(SocketAddr::new(ip, 0), Some(track_tx), None, ice).await?;
         tokio::spawn(async move {
             while let Some(track) = track_rx.recv().await {
                 let tx = pkt_tx.clone();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use switchboard::client::rtc::{Publisher, Received, Subscriber, TrackSpec};
+use switchboard::client::rtc::{IceConfig, Publisher, Received, Subscriber, TrackSpec};
 use switchboard::client::signal::{ServerEvent, SignalClient};
 use tokio::sync::mpsc;
 
@@ -86,7 +86,13 @@ impl MediaUser {
 
     /// Publishes tracks over `rtc_publish` and waits for the publisher connection.
     pub async fn publish(&mut self, specs: &[TrackSpec]) {
-        let mut p = Publisher::new(LOCALHOST, &self.user, specs)
+        self.publish_with(specs, &IceConfig::default()).await
+    }
+
+    /// Like `publish`, with these ICE servers and policy (e.g. relay only, through TURN).
+    pub async fn publish_with(&mut self, specs: &[TrackSpec], ice: &IceConfig) {
+        let local = std::net::SocketAddr::new(LOCALHOST, 0);
+        let mut p = Publisher::with_ice(local, &self.user, specs, ice)
             .await
             .expect("publisher pc");
         let offer = p.offer().await.expect("offer");
