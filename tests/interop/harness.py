@@ -195,11 +195,16 @@ class Server:
 class LossyRelay(asyncio.DatagramProtocol):
     """A UDP relay on 127.0.0.1 between one client and the server's media port. It forwards both
     ways and drops a fraction of the SRTP/SRTCP datagrams (first byte 128..191, RFC 7983) going
-    to the client; ICE and DTLS pass untouched, so setup is not slowed by loss."""
+    to the client; ICE and DTLS pass untouched, so setup is not slowed by loss. With `delay` and
+    `jitter` (seconds) every datagram to the client is held delay +- jitter (uniform), as
+    `tc netem delay D J` does, so datagrams also arrive out of order."""
 
-    def __init__(self, server_port: int, drop_to_client: float, seed: int = 7):
+    def __init__(self, server_port: int, drop_to_client: float, seed: int = 7,
+                 delay: float = 0.0, jitter: float = 0.0):
         self.server_addr = ("127.0.0.1", server_port)
         self.drop = drop_to_client
+        self.delay = delay
+        self.jitter = jitter
         self.rng = random.Random(seed)
         self.client_addr = None
         self.to_client = self.dropped = self.to_server = 0
@@ -232,7 +237,15 @@ class LossyRelay(asyncio.DatagramProtocol):
             self.dropped += 1
             return
         self.to_client += 1
-        self.transport.sendto(data, self.client_addr)
+        if self.delay <= 0 and self.jitter <= 0:
+            self.transport.sendto(data, self.client_addr)
+            return
+        hold = max(0.0, self.delay + self.rng.uniform(-self.jitter, self.jitter))
+        asyncio.get_running_loop().call_later(hold, self._send_late, data, self.client_addr)
+
+    def _send_late(self, data: bytes, addr) -> None:
+        if self.transport and not self.transport.is_closing():
+            self.transport.sendto(data, addr)
 
     def close(self) -> None:
         if self.transport:
@@ -320,3 +333,4 @@ def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
