@@ -869,7 +869,7 @@ export class Room extends Emitter {
     try {
       joined = await this.#client.request('rtc_join', { call_id: this.callId });
       this.#iceServers = Array.isArray(joined.ice_servers) ? joined.ice_servers : [];
-      this.#sub?.setConfiguration({ ...PC_CONFIG, iceServers: this.#iceServers });
+      if (this.#iceServers.length) this.#sub?.setConfiguration({ ...PC_CONFIG, iceServers: this.#iceServers });
     } finally {
       openGate();
     }
