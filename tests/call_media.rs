@@ -11,32 +11,6 @@ use common::{TestServer, WAIT};
 use serde_json::{Value, json};
 use sfu_support::{Pump, is_key, is_video, layer_of, pump_until};
 use switchboard::client::rtc::TrackSpec;
-use switchboard::client::signal::SignalClient;
-
-async fn call(
-    s: &TestServer,
-    caller: &str,
-    callee: &str,
-    mode: &str,
-) -> (SignalClient, SignalClient, String) {
-    let a = s.client(caller).await;
-    let mut b = s.client(callee).await;
-    let r = a
-        .request(
-            "call_invite",
-            json!({"invitees": [callee], "mode": mode, "timeout": 30}),
-        )
-        .await
-        .expect("invite");
-    let call_id = r["call_id"].as_str().expect("call_id").to_owned();
-    b.wait_for("call_invitation_received", WAIT)
-        .await
-        .expect("rings");
-    b.request("call_accept", json!({"call_id": call_id}))
-        .await
-        .expect("accept");
-    (a, b, call_id)
-}
 
 fn enough(got: &[switchboard::client::rtc::Received]) -> bool {
     got.iter().filter(|p| is_video(p)).count() >= 20
@@ -50,7 +24,7 @@ async fn invite_accept_join_publish_and_each_receives_the_others_media_billed_by
         c.billing.checkpoint = 1;
     })
     .await;
-    let (a, b, call_id) = call(&s, "alice", "bob", "general").await;
+    let (a, b, call_id) = s.call("alice", "bob", "general").await;
     let (mut alice, joined) = MediaUser::join(a, "alice", &call_id)
         .await
         .expect("alice joins");
@@ -325,7 +299,7 @@ async fn only_accepted_users_may_join_publish_or_receive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulcast_layer_follows_the_subscription_cap_and_a_late_joiner_gets_a_keyframe() {
     let s = TestServer::start().await;
-    let (a, b, call_id) = call(&s, "alice", "bob", "advanced").await;
+    let (a, b, call_id) = s.call("alice", "bob", "advanced").await;
     let (mut alice, _) = MediaUser::join(a, "alice", &call_id).await.expect("join");
     let (mut bob, _) = MediaUser::join(b, "bob", &call_id).await.expect("join");
     alice

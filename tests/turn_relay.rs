@@ -8,8 +8,8 @@ mod sfu_support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::TestServer;
 use common::media::MediaUser;
-use common::{TestServer, WAIT};
 use serde_json::json;
 use sfu_support::{Pump, is_video, pump_until};
 use switchboard::client::rtc::{IceConfig, TrackSpec};
@@ -94,22 +94,7 @@ async fn relayed_call(coturn_secret: &str) -> (usize, usize, String) {
         c.turn.secret = SECRET.to_owned();
     })
     .await;
-    let a = s.client("alice").await;
-    let mut b = s.client("bob").await;
-    let r = a
-        .request(
-            "call_invite",
-            json!({"invitees": ["bob"], "mode": "general", "timeout": 30}),
-        )
-        .await
-        .expect("invite");
-    let call_id = r["call_id"].as_str().expect("call_id").to_owned();
-    b.wait_for("call_invitation_received", WAIT)
-        .await
-        .expect("rings");
-    b.request("call_accept", json!({"call_id": call_id}))
-        .await
-        .expect("accept");
+    let (a, b, call_id) = s.call("alice", "bob", "general").await;
     let (mut alice, joined) = MediaUser::join(a, "alice", &call_id)
         .await
         .expect("alice joins");

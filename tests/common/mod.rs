@@ -128,3 +128,32 @@ pub fn now_secs() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+impl TestServer {
+    /// `caller` invites `callee` (`mode`, 30 s), `callee` hears it ring and accepts. Returns both
+    /// sessions and the call ID.
+    pub async fn call(
+        &self,
+        caller: &str,
+        callee: &str,
+        mode: &str,
+    ) -> (SignalClient, SignalClient, String) {
+        let a = self.client(caller).await;
+        let mut b = self.client(callee).await;
+        let r = a
+            .request(
+                "call_invite",
+                serde_json::json!({"invitees": [callee], "mode": mode, "timeout": 30}),
+            )
+            .await
+            .expect("invite");
+        let call_id = r["call_id"].as_str().expect("call_id").to_owned();
+        b.wait_for("call_invitation_received", WAIT)
+            .await
+            .expect("rings");
+        b.request("call_accept", serde_json::json!({"call_id": call_id}))
+            .await
+            .expect("accept");
+        (a, b, call_id)
+    }
+}
