@@ -749,8 +749,6 @@ export class Room extends Emitter {
   #pub = null;
   #sub = null;
   #subChain = Promise.resolve();
-  // The TURN servers of the last rtc_join (docs/protocol.md, ice_servers).
-  #iceServers = [];
   #pubCandidates = [];
   #subCandidates = [];
   #remoteCandidates = { publisher: [], subscriber: [] };
@@ -860,19 +858,7 @@ export class Room extends Emitter {
     // Events can overtake the reply to rtc_join: whoever joins meanwhile is announced by an event,
     // and the reply's list (taken when our join was applied) does not name them.
     this.#joinedSince = new Set();
-    // The server's first offer can overtake the reply; it waits until the subscriber connection has
-    // the TURN servers the reply carries (ice_servers), so that it gathers relay candidates too.
-    let openGate;
-    const gate = new Promise((resolve) => { openGate = resolve; });
-    this.#subChain = this.#subChain.then(() => gate);
-    let joined;
-    try {
-      joined = await this.#client.request('rtc_join', { call_id: this.callId });
-      this.#iceServers = Array.isArray(joined.ice_servers) ? joined.ice_servers : [];
-      if (this.#iceServers.length) this.#sub?.setConfiguration({ ...PC_CONFIG, iceServers: this.#iceServers });
-    } finally {
-      openGate();
-    }
+    const joined = await this.#client.request('rtc_join', { call_id: this.callId });
     if (this.#closed) return;
     const present = new Set(this.#joinedSince);
     this.#joinedSince = null;
@@ -944,7 +930,7 @@ export class Room extends Emitter {
   // ----- publisher -----
 
   async #publish() {
-    const pc = new RTCPeerConnection({ ...PC_CONFIG, iceServers: this.#iceServers });
+    const pc = new RTCPeerConnection(PC_CONFIG);
     this.#pub = pc;
     this.#watch(pc, 'publisher');
     pc.onicecandidate = (e) => this.#localCandidate('publisher', e.candidate);
