@@ -72,19 +72,7 @@ async fn each_media_limit_refuses_one_over_and_a_real_offer_at_the_limits_carrie
         c.media.max_sdp_bytes = MAX_SDP;
     })
     .await;
-    let a = s.client("alice").await;
-    let mut b = s.client("bob").await;
-    let r = a
-        .request("call_invite", json!({"invitees": ["bob"], "timeout": 30}))
-        .await
-        .expect("invite");
-    let call_id = r["call_id"].as_str().expect("call_id").to_owned();
-    b.wait_for("call_invitation_received", WAIT)
-        .await
-        .expect("rings");
-    b.request("call_accept", json!({"call_id": call_id}))
-        .await
-        .expect("accept");
+    let (a, b, call_id) = s.call("alice", "bob", "general").await;
     let (alice, _) = MediaUser::join(a, "alice", &call_id)
         .await
         .expect("alice joins");

@@ -17,7 +17,6 @@ use common::{TestServer, WAIT};
 use serde_json::json;
 use sfu_support::{Pump, is_video, pump_until};
 use switchboard::client::rtc::{Publisher, TrackSpec};
-use switchboard::client::signal::SignalClient;
 
 /// The worker a room lives on: the server hashes the call ID with FNV-1a (src/sfu/mod.rs).
 fn room_worker(call_id: &str, workers: u64) -> u64 {
@@ -63,23 +62,6 @@ async fn metric(s: &TestServer, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-async fn call(s: &TestServer) -> (SignalClient, SignalClient, String) {
-    let a = s.client("alice").await;
-    let mut b = s.client("bob").await;
-    let r = a
-        .request("call_invite", json!({"invitees": ["bob"], "timeout": 30}))
-        .await
-        .expect("invite");
-    let call_id = r["call_id"].as_str().expect("call_id").to_owned();
-    b.wait_for("call_invitation_received", WAIT)
-        .await
-        .expect("rings");
-    b.request("call_accept", json!({"call_id": call_id}))
-        .await
-        .expect("accept");
-    (a, b, call_id)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_stun_flood_leaves_no_routes_and_cannot_misroute_a_real_client() {
     let udp = free_udp_port();
@@ -89,7 +71,7 @@ async fn spoofed_stun_flood_leaves_no_routes_and_cannot_misroute_a_real_client()
     })
     .await;
     let media = SocketAddr::from(([127, 0, 0, 1], udp));
-    let (a, b, call_id) = call(&s).await;
+    let (a, b, call_id) = s.call("alice", "bob", "general").await;
     let wrong = 1 - room_worker(&call_id, 2);
 
     // A spoofer gets to the address alice's publisher will use first, with a valid-looking ufrag
