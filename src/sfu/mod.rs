@@ -69,7 +69,7 @@
 //! are requested when a consumer starts, resumes or switches; all through a per-layer
 //! [`keyframe::KeyframeThrottle`] (one per 500 ms). NACKs are answered by str0m from the
 //! subscriber stream's RTX cache (packets are written `nackable`), as RTX where negotiated
-//! (str0m resends only over RTX; resends may take up to half of a stream's bytes in a second,
+//! (str0m resends only over RTX; resends may take up to 80% of a stream's bytes in a second,
 //! see `RTX_RATIO_CAP` in the worker). Each subscriber `Rtc` runs str0m's TWCC bandwidth estimator
 //! (REMB estimates are taken too); its `EgressBitrateEstimate` feeds the layer selector, which
 //! runs every 100 ms and at once on `subscription` and answers.
