@@ -265,6 +265,14 @@ impl Default for StorageConfig {
 pub struct MediaConfig {
     /// The one UDP port for all media.
     pub udp_port: u16,
+    /// Whether the server also takes ICE over TCP (RFC 6544 passive candidates on `tcp_port`), for
+    /// clients whose network blocks UDP.
+    pub ice_tcp: bool,
+    /// The TCP port for ICE-TCP (same `bind` and `public_ips` as UDP). 0 binds any free port.
+    pub tcp_port: u16,
+    /// Most ICE-TCP connections held at once (each is one client peer connection); further ones
+    /// are closed at accept.
+    pub max_tcp_connections: usize,
     /// Address the UDP socket binds to.
     pub bind: IpAddr,
     /// Addresses announced as host candidates (for 1:1 NAT). Empty: the bind address, or when that is
@@ -289,6 +297,9 @@ impl Default for MediaConfig {
     fn default() -> Self {
         Self {
             udp_port: 7882,
+            ice_tcp: true,
+            tcp_port: 7881,
+            max_tcp_connections: 4096,
             bind: IpAddr::from([127, 0, 0, 1]),
             public_ips: Vec::new(),
             workers: 0,
@@ -552,6 +563,12 @@ impl Config {
         range("storage.write_timeout", self.storage.write_timeout, 1, 60)?;
         let md = &self.media;
         range("media.max_routes", md.max_routes as u64, 64, 1 << 24)?;
+        range(
+            "media.max_tcp_connections",
+            md.max_tcp_connections as u64,
+            1,
+            1 << 20,
+        )?;
         range(
             "media.max_tracks_per_participant",
             md.max_tracks_per_participant as u64,
@@ -967,6 +984,7 @@ mod tests {
     fn media_limits_are_bounded() {
         for (toml, key) in [
             ("max_routes = 10", "media.max_routes"),
+            ("max_tcp_connections = 0", "media.max_tcp_connections"),
             (
                 "max_tracks_per_participant = 0",
                 "media.max_tracks_per_participant",

@@ -185,7 +185,8 @@ fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     cmd.args(args)
         .current_dir(dir.path())
         .env("SWITCHBOARD_STORAGE_PATH", dir.path().join("db"))
-        .env("SWITCHBOARD_MEDIA_UDP_PORT", "0");
+        .env("SWITCHBOARD_MEDIA_UDP_PORT", "0")
+        .env("SWITCHBOARD_MEDIA_TCP_PORT", "0");
     for (k, _) in std::env::vars() {
         if k.starts_with("SWITCHBOARD_") {
             cmd.env_remove(k);

@@ -28,6 +28,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 pub fn one_worker() -> MediaConfig {
     MediaConfig {
         udp_port: 0,
+        tcp_port: 0,
         workers: 1,
         ..MediaConfig::default()
     }

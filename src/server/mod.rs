@@ -204,7 +204,12 @@ impl Server {
         hub.add_notice_sink(Arc::new(biller.clone()));
         let sink = Arc::new(media::Sink::new(Arc::clone(&hub), biller.clone()));
         let sfu = crate::sfu::Sfu::start(&config.media, sink)?;
-        tracing::info!(udp = %sfu.local_addr(), "media plane listening");
+        match sfu.tcp_addr() {
+            Some(tcp) => {
+                tracing::info!(udp = %sfu.local_addr(), tcp = %tcp, "media plane listening")
+            }
+            None => tracing::info!(udp = %sfu.local_addr(), "media plane listening"),
+        }
         let media = Arc::new(media::MediaPlane::new(sfu, Arc::clone(&hub)));
         hub.set_room_control(Some(Arc::clone(&media) as Arc<dyn hub::RoomControl>));
         webhooks::spawn(Arc::clone(&hub), shutdown.clone());

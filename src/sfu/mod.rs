@@ -105,6 +105,7 @@
 pub(crate) mod limits;
 pub(crate) mod net;
 mod routes;
+pub mod tcp;
 mod worker;
 
 pub mod forwarder;
@@ -595,6 +596,8 @@ pub(crate) enum WorkerMsg {
 struct Inner {
     workers: Vec<mpsc::Sender<WorkerMsg>>,
     local_addr: SocketAddr,
+    tcp_addr: Option<SocketAddr>,
+    tcp_counters: Arc<tcp::TcpCounters>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     counters: Arc<Counters>,
@@ -625,6 +628,22 @@ impl Sfu {
             .map_err(|e| SfuError::Io(e.to_string()))?;
         let candidates = net::host_candidates(cfg, local_addr);
         let socket = Arc::new(socket);
+        let tcp_listener = if cfg.ice_tcp {
+            let l = tcp::bind(SocketAddr::new(cfg.bind, cfg.tcp_port))
+                .map_err(|e| SfuError::Io(format!("ICE-TCP port {}: {e}", cfg.tcp_port)))?;
+            Some(l)
+        } else {
+            None
+        };
+        let tcp_addr = match &tcp_listener {
+            Some(l) => Some(l.local_addr().map_err(|e| SfuError::Io(e.to_string()))?),
+            None => None,
+        };
+        let tcp_candidates = tcp_addr
+            .map(|a| net::host_candidates(cfg, a))
+            .unwrap_or_default();
+        let tcp_writers = Arc::new(tcp::TcpWriters::default());
+        let tcp_counters = Arc::new(tcp::TcpCounters::default());
         let n = if cfg.workers == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -645,6 +664,9 @@ impl Sfu {
                 idx,
                 socket: socket.clone(),
                 candidates: candidates.clone(),
+                tcp_candidates: tcp_candidates.clone(),
+                tcp_writers: tcp_writers.clone(),
+                tcp_counters: tcp_counters.clone(),
                 sink: sink.clone(),
                 io_tx: io_tx.clone(),
                 counters: counters.clone(),
@@ -657,6 +679,23 @@ impl Sfu {
                 .map_err(|e| SfuError::Io(e.to_string()))?;
             senders.push(tx);
             threads.push(handle);
+        }
+        if let Some(listener) = tcp_listener {
+            let plane = tcp::TcpPlane {
+                listener,
+                workers: senders.clone(),
+                backlogs: backlogs.clone(),
+                writers: tcp_writers,
+                stop: stop.clone(),
+                max_conns: cfg.max_tcp_connections,
+                counters: tcp_counters.clone(),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sfu-tcp".into())
+                    .spawn(move || plane.run())
+                    .map_err(|e| SfuError::Io(e.to_string()))?,
+            );
         }
         let io = net::IoThread {
             socket: socket.clone(),
@@ -678,6 +717,8 @@ impl Sfu {
             inner: Arc::new(Inner {
                 workers: senders,
                 local_addr,
+                tcp_addr,
+                tcp_counters,
                 stop,
                 threads: Mutex::new(threads),
                 counters,
@@ -688,6 +729,16 @@ impl Sfu {
     /// The bound UDP address.
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// The bound ICE-TCP address (`[media] ice_tcp` on).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.inner.tcp_addr
+    }
+
+    /// ICE-TCP counters.
+    pub fn tcp_counters(&self) -> &tcp::TcpCounters {
+        &self.inner.tcp_counters
     }
 
     /// Engine-wide counters.

@@ -53,8 +53,10 @@ pub(crate) struct DatagramBatch {
     pub buf: Vec<u8>,
     /// Source and byte range of each datagram in `buf`.
     pub items: Vec<(SocketAddr, usize, usize)>,
-    /// When the round's `recvmmsg` returned.
+    /// When the round's `recvmmsg` returned (or the TCP read, for ICE-TCP).
     pub at: Instant,
+    /// UDP from the I/O thread, or TCP from an ICE-TCP connection (see [`super::tcp`]).
+    pub proto: str0m::net::Protocol,
 }
 
 /// Binds the media socket with large kernel buffers and a read timeout (for shutdown checks).
@@ -289,6 +291,7 @@ impl IoThread {
                     buf: Vec::with_capacity(len * 4),
                     items: Vec::with_capacity(8),
                     at,
+                    proto: str0m::net::Protocol::Udp,
                 });
                 let start = b.buf.len();
                 b.buf.extend_from_slice(data);

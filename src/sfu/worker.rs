@@ -23,7 +23,7 @@ use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::{Codec, PayloadParams};
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind as StrMediaKind, Mid, Pt, Rid};
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo, Ssrc, Vp8Descriptor};
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
 
@@ -34,6 +34,7 @@ use super::limits::{CandidateSet, LimitError, MediaLimits, candidate_key};
 use super::net::{self, DatagramBatch, IoMsg};
 use super::rewriter::{RtpIn, RtpRewriter, Vp8Munger};
 use super::speakers::SpeakerDetector;
+use super::tcp::{TcpCounters, TcpWriters};
 use super::{
     Command, ConsumerUpdate, Counters, Forwarding, IceCandidateInit, JoinResult, LayerInfo,
     MediaSink, ParticipantInfo, ParticipantTracks, PcTarget, RoomInfo, RtcEvent, SfuError,
@@ -87,6 +88,10 @@ pub(crate) struct WorkerInit {
     pub idx: usize,
     pub socket: Arc<std::net::UdpSocket>,
     pub candidates: Vec<SocketAddr>,
+    /// ICE-TCP passive candidates (empty with `[media] ice_tcp` off).
+    pub tcp_candidates: Vec<SocketAddr>,
+    pub tcp_writers: Arc<TcpWriters>,
+    pub tcp_counters: Arc<TcpCounters>,
     pub sink: Arc<dyn MediaSink>,
     pub io_tx: mpsc::Sender<IoMsg>,
     pub counters: Arc<Counters>,
@@ -106,7 +111,10 @@ struct Conn {
     user: UserId,
     role: Role,
     ufrag: String,
+    /// UDP source addresses this connection accepted checks from (the I/O thread routes them).
     addrs: Vec<SocketAddr>,
+    /// ICE-TCP connections (by client address) this connection accepted checks on.
+    tcp_addrs: Vec<SocketAddr>,
     next_timeout: Instant,
     created: Instant,
     last_rx: Instant,
@@ -268,6 +276,9 @@ pub(crate) struct Worker {
     idx: usize,
     socket: Arc<std::net::UdpSocket>,
     candidates: Vec<SocketAddr>,
+    tcp_candidates: Vec<SocketAddr>,
+    tcp_writers: Arc<TcpWriters>,
+    tcp_counters: Arc<TcpCounters>,
     sink: Arc<dyn MediaSink>,
     io_tx: mpsc::Sender<IoMsg>,
     counters: Arc<Counters>,
@@ -275,10 +286,10 @@ pub(crate) struct Worker {
     limits: MediaLimits,
     conns: HashMap<ConnId, Conn>,
     next_conn: ConnId,
-    by_addr: HashMap<SocketAddr, ConnId>,
+    by_addr: HashMap<(Protocol, SocketAddr), ConnId>,
     by_ufrag: HashMap<String, ConnId>,
     rooms: HashMap<CallId, Room>,
-    out: Vec<(SocketAddr, Vec<u8>)>,
+    out: Outbox,
     events: VecDeque<(ConnId, Event)>,
     stats: RoundStats,
     next_tick: Instant,
@@ -289,13 +300,22 @@ pub(crate) struct Worker {
     dtls_cert: Option<str0m::config::DtlsCert>,
 }
 
+/// What a round sends: UDP datagrams (one `sendmmsg`) and ICE-TCP packets (onto their
+/// connections' queues).
+#[derive(Default)]
+struct Outbox {
+    udp: Vec<(SocketAddr, Vec<u8>)>,
+    tcp: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.udp.is_empty() && self.tcp.is_empty()
+    }
+}
+
 /// Polls `rtc` until its timeout: transmits go to `out`, events to `events`.
-fn drain(
-    id: ConnId,
-    conn: &mut Conn,
-    out: &mut Vec<(SocketAddr, Vec<u8>)>,
-    events: &mut VecDeque<(ConnId, Event)>,
-) {
+fn drain(id: ConnId, conn: &mut Conn, out: &mut Outbox, events: &mut VecDeque<(ConnId, Event)>) {
     loop {
         if !conn.rtc.is_alive() {
             conn.dead = true;
@@ -306,7 +326,10 @@ fn drain(
                 conn.next_timeout = t;
                 return;
             }
-            Ok(Output::Transmit(t)) => out.push((t.destination, t.contents.into())),
+            Ok(Output::Transmit(t)) => match t.proto {
+                Protocol::Udp => out.udp.push((t.destination, t.contents.into())),
+                _ => out.tcp.push((t.destination, t.contents.into())),
+            },
             Ok(Output::Event(e)) => events.push_back((id, e)),
             Err(e) => {
                 tracing::debug!(error = %e, user = %conn.user, "rtc failed");
@@ -354,6 +377,9 @@ impl Worker {
             idx: init.idx,
             socket: init.socket,
             candidates: init.candidates,
+            tcp_candidates: init.tcp_candidates,
+            tcp_writers: init.tcp_writers,
+            tcp_counters: init.tcp_counters,
             sink: init.sink,
             io_tx: init.io_tx,
             counters: init.counters,
@@ -364,7 +390,10 @@ impl Worker {
             by_addr: HashMap::new(),
             by_ufrag: HashMap::new(),
             rooms: HashMap::new(),
-            out: Vec::with_capacity(256),
+            out: Outbox {
+                udp: Vec::with_capacity(256),
+                tcp: Vec::new(),
+            },
             events: VecDeque::with_capacity(256),
             stats: RoundStats::default(),
             next_tick: now + TICK,
@@ -449,11 +478,16 @@ impl Worker {
     // ---------------------------------------------------------------- I/O
 
     fn datagrams(&mut self, b: DatagramBatch) {
-        let destination = self.candidates.first().copied().unwrap_or_else(|| {
-            self.socket
-                .local_addr()
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
-        });
+        let proto = b.proto;
+        // str0m takes input only as arriving on one of its local candidates.
+        let local = if proto == Protocol::Tcp {
+            self.tcp_candidates.first()
+        } else {
+            self.candidates.first()
+        };
+        let Some(destination) = local.copied() else {
+            return;
+        };
         for (src, start, len) in b.items {
             let Some(data) = b.buf.get(start..start + len) else {
                 continue;
@@ -464,7 +498,7 @@ impl Worker {
             let input = Input::Receive(
                 b.at,
                 Receive {
-                    proto: Protocol::Udp,
+                    proto,
                     source: src,
                     destination,
                     contents,
@@ -479,7 +513,7 @@ impl Worker {
             };
             let id = match request_ufrag {
                 Some(u) => self.by_ufrag.get(u).copied(),
-                None => self.by_addr.get(&src).copied(),
+                None => self.by_addr.get(&(proto, src)).copied(),
             };
             let Some(id) = id else {
                 continue;
@@ -499,12 +533,16 @@ impl Worker {
             }
             conn.last_rx = b.at;
             if request_ufrag.is_some() {
-                let known = match self.by_addr.entry(src) {
+                let known = match self.by_addr.entry((proto, src)) {
                     std::collections::hash_map::Entry::Occupied(_) => true,
                     std::collections::hash_map::Entry::Vacant(e) => {
-                        if conn.addrs.len() < MAX_ADDRS_PER_CONN {
+                        if conn.addrs.len() + conn.tcp_addrs.len() < MAX_ADDRS_PER_CONN {
                             e.insert(id);
-                            conn.addrs.push(src);
+                            if proto == Protocol::Tcp {
+                                conn.tcp_addrs.push(src);
+                            } else {
+                                conn.addrs.push(src);
+                            }
                             true
                         } else {
                             false
@@ -512,8 +550,9 @@ impl Worker {
                     }
                 };
                 // Confirm (or refresh) the route before the response leaves in this round's
-                // sendmmsg, so the peer's next datagrams find it.
-                if known {
+                // sendmmsg, so the peer's next datagrams find it. An ICE-TCP connection is
+                // routed by the TCP plane itself.
+                if known && proto == Protocol::Udp {
                     let _ = self.io_tx.send(IoMsg::Learn {
                         worker: self.idx,
                         addr: src,
@@ -540,9 +579,17 @@ impl Worker {
         let forwarded_at = if self.out.is_empty() {
             None
         } else {
-            let (n, bytes) =
-                crate::mmsg::send_batch(std::os::fd::AsRawFd::as_raw_fd(&*self.socket), &self.out);
-            self.out.clear();
+            let (mut n, mut bytes) = crate::mmsg::send_batch(
+                std::os::fd::AsRawFd::as_raw_fd(&*self.socket),
+                &self.out.udp,
+            );
+            self.out.udp.clear();
+            for (dest, packet) in self.out.tcp.drain(..) {
+                if super::tcp::send(&self.tcp_writers, &self.tcp_counters, dest, &packet) {
+                    n += 1;
+                    bytes += packet.len() as u64;
+                }
+            }
             count(m::PACKETS_OUT, n);
             count(m::BYTES_OUT, bytes);
             self.counters.datagrams_out.fetch_add(n, Ordering::Relaxed);
@@ -651,6 +698,21 @@ impl Worker {
                 Err(e) => tracing::warn!(%addr, error = %e, "bad host candidate"),
             }
         }
+        // After the UDP ones: str0m gives TCP host candidates a lower type preference (90
+        // against 126), so a client uses TCP only where UDP fails.
+        for addr in &self.tcp_candidates {
+            match Candidate::builder()
+                .tcp()
+                .host(*addr)
+                .tcptype(TcpType::Passive)
+                .build()
+            {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "bad ICE-TCP host candidate"),
+            }
+        }
         let id = self.next_conn;
         self.next_conn += 1;
         self.by_ufrag.insert(ufrag.clone(), id);
@@ -663,6 +725,7 @@ impl Worker {
                 role,
                 ufrag,
                 addrs: Vec::new(),
+                tcp_addrs: Vec::new(),
                 next_timeout: now,
                 created: now,
                 last_rx: now,
@@ -687,7 +750,12 @@ impl Worker {
         }
         self.by_ufrag.remove(&conn.ufrag);
         for a in &conn.addrs {
-            self.by_addr.remove(a);
+            self.by_addr.remove(&(Protocol::Udp, *a));
+        }
+        for a in &conn.tcp_addrs {
+            self.by_addr.remove(&(Protocol::Tcp, *a));
+            // Closes that TCP connection (its queue's only sender goes).
+            self.tcp_writers.remove(a);
         }
         if !conn.addrs.is_empty() {
             let _ = self.io_tx.send(IoMsg::Forget {

@@ -70,15 +70,20 @@ export async function waitUntil(fn, { timeout = 10_000, every = 200, what = 'con
 /** The real server binary in dev mode, on a free port, with its database in a temp directory. */
 export class TestServer {
   /** `dev: false` runs a production-mode server with a random secret (no dev tokens). */
-  constructor({ bin, logPath, dev = true }) {
+  /** `host`: the address HTTP and media bind to (default 127.0.0.1); `env`: extra variables. */
+  constructor({ bin, logPath, dev = true, host = '127.0.0.1', env = {} }) {
     this.bin = bin;
     this.logPath = logPath;
     this.dev = dev;
+    this.host = host;
+    this.extraEnv = env;
     this.proc = null;
   }
 
   get #serveArgs() {
-    return this.dev ? ['serve', '--dev'] : ['serve'];
+    // A dev server on another address than loopback must say so (it hands out tokens).
+    const remote = this.dev && this.host !== '127.0.0.1' ? ['--dev-allow-remote'] : [];
+    return this.dev ? ['serve', '--dev', ...remote] : ['serve'];
   }
 
   /** A user token, made by the binary as an operator would (`switchboard token`). */
@@ -94,21 +99,24 @@ export class TestServer {
     }
     this.dir = await mkdtemp(join(tmpdir(), 'switchboard-browser-'));
     this.port = await freePort();
-    this.url = `http://127.0.0.1:${this.port}`;
+    this.url = `http://${this.host}:${this.port}`;
     // Only our own SWITCHBOARD_* variables reach the server: it refuses unknown ones, and the test
     // tooling sets a few of its own (SWITCHBOARD_CHROMIUM, SWITCHBOARD_BIN...).
     const inherited = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('SWITCHBOARD_')));
     this.env = {
       ...inherited,
       SWITCHBOARD_STORAGE_PATH: join(this.dir, 'switchboard.db'),
-      SWITCHBOARD_SERVER_LISTEN: `127.0.0.1:${this.port}`,
+      SWITCHBOARD_SERVER_LISTEN: `${this.host}:${this.port}`,
+      SWITCHBOARD_MEDIA_BIND: this.host,
       SWITCHBOARD_MEDIA_UDP_PORT: '0',
+      SWITCHBOARD_MEDIA_TCP_PORT: '0',
       // Stopping at the end should not wait out calls in progress (SIGTERM drains them).
       SWITCHBOARD_SERVER_DRAIN_TIMEOUT: '1',
       // The group-call scenario rings again a user who declined: 2 s of re-invite cooldown, not 30
       // (the rule itself is tested in tests/hostile.rs).
       SWITCHBOARD_SIGNALING_REINVITE_COOLDOWN: '2',
       RUST_LOG: process.env.RUST_LOG ?? 'info',
+      ...this.extraEnv,
     };
     if (!this.dev) this.env.SWITCHBOARD_AUTH_SECRET = randomBytes(32).toString('hex');
     const log = createWriteStream(this.logPath);
@@ -190,8 +198,10 @@ const SPEAK = `(() => {
 
 /** One person in one fresh browser context (its own cookies, storage and permissions). */
 export class User {
-  constructor(t, { id, name, viewport = DESKTOP, query = '', device, speaking = false, server }) {
+  /** `browser`: another browser than the scenario's (e.g. one inside a network namespace). */
+  constructor(t, { id, name, viewport = DESKTOP, query = '', device, speaking = false, server, browser }) {
     this.t = t;
+    this.browser = browser;
     this.server = server ?? t.server;
     this.speaking = speaking;
     this.id = id;
@@ -205,7 +215,7 @@ export class User {
   }
 
   async open() {
-    const { browser } = this.t;
+    const browser = this.browser ?? this.t.browser;
     const { server } = this;
     this.context = await browser.newContext({
       viewport: this.viewport,
@@ -299,5 +309,79 @@ export class User {
 
   async close() {
     await this.context?.close().catch(() => {});
+  }
+}
+
+/** Runs a command; rejects with its stderr if it fails. */
+export async function sh(cmd, args) {
+  try {
+    return (await execFileP(cmd, args)).stdout;
+  } catch (e) {
+    throw new Error(`${cmd} ${args.join(' ')}: ${e.stderr?.trim() || e.message}`);
+  }
+}
+
+/**
+ * A client network namespace joined to the host by a veth pair: the host side is `hostIp`, the
+ * namespace side `nsIp` (a /30 of 10.213.0.0/16 picked from the process ID, so that parallel runs
+ * do not collide). Made and removed by the test; needs root (`ip netns`, nftables).
+ */
+export class Netns {
+  constructor(tag) {
+    const n = (process.pid % 250) + 1;
+    this.name = `sb${tag}${process.pid}`;
+    this.hostIf = `sbh${process.pid % 100000}`;
+    this.nsIf = `sbn${process.pid % 100000}`;
+    this.hostIp = `10.213.${n}.1`;
+    this.nsIp = `10.213.${n}.2`;
+  }
+
+  static available() {
+    return typeof process.getuid === 'function' && process.getuid() === 0;
+  }
+
+  async create() {
+    await sh('ip', ['netns', 'add', this.name]);
+    this.created = true;
+    await sh('ip', ['link', 'add', this.hostIf, 'type', 'veth', 'peer', 'name', this.nsIf]);
+    await sh('ip', ['link', 'set', this.nsIf, 'netns', this.name]);
+    await sh('ip', ['addr', 'add', `${this.hostIp}/30`, 'dev', this.hostIf]);
+    await sh('ip', ['link', 'set', this.hostIf, 'up']);
+    await this.exec('ip', ['addr', 'add', `${this.nsIp}/30`, 'dev', this.nsIf]);
+    await this.exec('ip', ['link', 'set', this.nsIf, 'up']);
+    await this.exec('ip', ['link', 'set', 'lo', 'up']);
+    return this;
+  }
+
+  exec(cmd, args) {
+    return sh('ip', ['netns', 'exec', this.name, cmd, ...args]);
+  }
+
+  /** Drops (and counts) every UDP datagram the namespace sends to `ip`. */
+  async blockUdpTo(ip) {
+    await this.exec('nft', ['add', 'table', 'inet', 'sbblock']);
+    await this.exec('nft', ['add', 'chain', 'inet', 'sbblock', 'out', '{ type filter hook output priority 0; policy accept; }']);
+    await this.exec('nft', ['add', 'rule', 'inet', 'sbblock', 'out', 'ip', 'daddr', ip, 'meta', 'l4proto', 'udp', 'counter', 'drop']);
+  }
+
+  /** Packets the `blockUdpTo` rule dropped. */
+  async udpDropped() {
+    const out = await this.exec('nft', ['list', 'table', 'inet', 'sbblock']);
+    const m = /counter packets (\d+)/.exec(out);
+    return m ? Number(m[1]) : 0;
+  }
+
+  /** A script that runs Chromium inside the namespace (for playwright's `executablePath`). */
+  async chromiumWrapper(dir, chromium) {
+    const { writeFile, chmod } = await import('node:fs/promises');
+    const path = join(dir, `chromium-in-${this.name}`);
+    await writeFile(path, `#!/bin/sh\nexec ip netns exec ${this.name} ${chromium} "$@"\n`);
+    await chmod(path, 0o755);
+    return path;
+  }
+
+  async destroy() {
+    await sh('ip', ['link', 'del', this.hostIf]).catch(() => {});
+    if (this.created) await sh('ip', ['netns', 'del', this.name]).catch(() => {});
   }
 }

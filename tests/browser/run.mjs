@@ -82,10 +82,23 @@ async function runOne(s, { server, browser }) {
   const users = [];
   const servers = [];
   let n = 0;
+  const browsers = [];
+  const cleanups = [];
   const t = {
+    /** Runs `f` when the scenario ends, after its browsers and servers are gone. */
+    defer(f) {
+      cleanups.push(f);
+    },
     server,
     browser,
     dir,
+    chromiumPath,
+    /** Another Chromium (e.g. a wrapper that runs it in a namespace), closed at the end. `args`: extra flags. */
+    async launchBrowser(executablePath, args = []) {
+      const b = await chromium.launch({ executablePath, headless: true, args: [...CHROMIUM_ARGS, ...args] });
+      browsers.push(b);
+      return b;
+    },
     /** A signed-out user on a fresh page. `opts`: id, name, viewport, query. */
     async user(opts) {
       const u = new User(t, opts);
@@ -125,7 +138,9 @@ async function runOne(s, { server, browser }) {
     }
   } finally {
     for (const u of users) await u.close();
+    for (const b of browsers) await b.close().catch(() => {});
     for (const srv of servers) await srv.stop().catch(() => {});
+    for (const f of cleanups.reverse()) await f().catch(() => {});
   }
   const secs = ((Date.now() - started) / 1000).toFixed(1);
   console.log(ok ? `  ✓ passed in ${secs} s` : `  ✗ failed after ${secs} s`);

@@ -1,7 +1,7 @@
 // The end-to-end scenarios. Each uses its own users, so calls that linger on the server (a general
 // call stays started until its room has been empty for a while) cannot make a later scenario busy.
 
-import { PHONE, assert, sleep, waitUntil } from './lib.mjs';
+import { Netns, PHONE, assert, sleep, waitUntil } from './lib.mjs';
 
 const click = (user, name) => user.page.getByRole('button', { name, exact: typeof name === 'string' }).click();
 
@@ -505,6 +505,49 @@ export const scenarios = [
       await vic.shot('in-call-after-restarts');
       await click(uma, 'Hang up');
       await uma.view('home');
+    },
+  },
+  {
+    name: 'udp-blocked',
+    title: 'Bob is on a network that drops all UDP to the server: his browser falls back to ICE-TCP, and he and Alice see each other',
+    async run(t) {
+      if (!Netns.available()) throw new Error('needs root for a network namespace (ip netns, nftables)');
+      // Bob's Chromium runs in a namespace of its own, joined to this host by a veth pair, whose
+      // nftables drop every UDP datagram toward the server. The server listens on the host's end
+      // of the pair; Alice reaches it from the host, over UDP.
+      const ns = await new Netns('tcp').create();
+      t.defer(() => ns.destroy());
+      await ns.blockUdpTo(ns.hostIp);
+      const server = await t.startServer({ host: ns.hostIp });
+      // The page comes from http://10.213.x.1: tell Chromium to treat it as secure (camera access).
+      const secure = [`--unsafely-treat-insecure-origin-as-secure=${server.url}`];
+      const hostBrowser = await t.launchBrowser(t.chromiumPath, secure);
+      const nsBrowser = await t.launchBrowser(await ns.chromiumWrapper(t.dir, t.chromiumPath), secure);
+      const alice = await t.user({ id: 'alma', name: 'Alma Ruiz', server, browser: hostBrowser });
+      const bob = await t.user({ id: 'bert', name: 'Bert Olsen', server, browser: nsBrowser, viewport: PHONE });
+      await alice.signIn();
+      await bob.signIn();
+      await alice.call('bert', 'video');
+      await bob.incoming();
+      await click(bob, /^Accept/);
+      await alice.view('call');
+      await bob.view('call');
+      const fromBob = await alice.expectVideoFrom('bert', { timeout: 45_000 });
+      const fromAlice = await bob.expectVideoFrom('alma', { timeout: 45_000 });
+      t.log(`Alma receives ${fromBob.w}×${fromBob.h}, Bert (UDP blocked) receives ${fromAlice.w}×${fromAlice.h}`);
+      await alice.shot('in-call');
+      await bob.shot('in-call');
+      // Bob's browser did try UDP (the rule dropped it), and his two peer connections run over
+      // TCP connections to the server's ICE-TCP port.
+      const dropped = await ns.udpDropped();
+      assert(dropped > 0, 'no UDP from Bert was dropped: the test did not block anything');
+      const r = await fetch(`${server.url}/metrics`, { headers: { authorization: `Bearer ${server.adminToken}` } });
+      const metrics = await r.text();
+      const open = Number(/^switchboard_tcp_connections (\S+)$/m.exec(metrics)?.[1] ?? 0);
+      assert(open >= 2, `switchboard_tcp_connections is ${open}; expected Bert's publisher and subscriber connections`);
+      t.log(`${dropped} UDP datagrams from Bert dropped; ${open} ICE-TCP connections open`);
+      await click(alice, 'Hang up');
+      await alice.view('home');
     },
   },
 ];

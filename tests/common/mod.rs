@@ -33,6 +33,7 @@ pub fn config(dir: &std::path::Path) -> Config {
     c.storage.path = dir.join("switchboard.db");
     c.server.listen = "127.0.0.1:0".parse().expect("addr");
     c.media.udp_port = 0;
+    c.media.tcp_port = 0;
     c
 }
 

@@ -44,6 +44,7 @@ pub async fn start_logging(
         .env("SWITCHBOARD_STORAGE_PATH", db)
         .env("SWITCHBOARD_SERVER_LISTEN", format!("127.0.0.1:{port}"))
         .env("SWITCHBOARD_MEDIA_UDP_PORT", "0")
+        .env("SWITCHBOARD_MEDIA_TCP_PORT", "0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(match log.and_then(|p| std::fs::File::create(p).ok()) {

@@ -58,6 +58,7 @@ class Server:
             "SWITCHBOARD_STORAGE_PATH": str(self.db),
             "SWITCHBOARD_SERVER_LISTEN": "127.0.0.1:0",
             "SWITCHBOARD_MEDIA_UDP_PORT": "0",
+            "SWITCHBOARD_MEDIA_TCP_PORT": "0",
             "SWITCHBOARD_MEDIA_BIND": "127.0.0.1",
             "SWITCHBOARD_AUTH_SECRET": self.secret,
             "SWITCHBOARD_LOG_FORMAT": "json",

@@ -129,6 +129,7 @@ class Server:
                 "SWITCHBOARD_STORAGE_PATH": str(workdir / "switchboard.db"),
                 "SWITCHBOARD_SERVER_LISTEN": f"127.0.0.1:{self.port}",
                 "SWITCHBOARD_MEDIA_UDP_PORT": "0",
+                "SWITCHBOARD_MEDIA_TCP_PORT": "0",
                 "SWITCHBOARD_MEDIA_BIND": "127.0.0.1",
                 "SWITCHBOARD_LOG_LEVEL": "info",
                 # The drain step waits for the process to exit: calls in progress get 3 s.

@@ -55,6 +55,7 @@ pub fn start(workers: usize) -> (Sfu, Arc<Collector>) {
     init_log();
     let cfg = MediaConfig {
         udp_port: 0,
+        tcp_port: 0,
         bind: LOCALHOST,
         public_ips: vec![],
         workers,
