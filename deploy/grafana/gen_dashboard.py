@@ -242,6 +242,8 @@ def build():
     L.add(series("UDP routes (source address to worker)", [
         (f"sum(switchboard_udp_routes{{{SEL}}})", "routes"),
         (rate("switchboard_udp_routes_refused_total"), "refused/s (table full)"),
+        (f"sum(switchboard_tcp_connections{{{SEL}}})", "ICE-TCP connections"),
+        (rate("switchboard_tcp_dropped_slow_total"), "ICE-TCP drops/s (slow client)"),
         (rate("switchboard_udp_routes_expired_total"), "expired/s"),
     ], description="Addresses confirmed by an accepted ICE check; capped by [media] max_routes."),
           12, 8)
