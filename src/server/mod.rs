@@ -243,6 +243,11 @@ impl Server {
         self.state.media.sfu().local_addr()
     }
 
+    /// The media engine's ICE-TCP address (`[media] ice_tcp` on).
+    pub fn media_tcp_addr(&self) -> Option<SocketAddr> {
+        self.state.media.sfu().tcp_addr()
+    }
+
     /// The router.
     pub fn router(&self) -> Router {
         router(self.state.clone())

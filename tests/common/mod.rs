@@ -21,6 +21,8 @@ pub const WAIT: Duration = Duration::from_secs(5);
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The ICE-TCP listener (`[media] ice_tcp`).
+    pub media_tcp: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     stop: tokio::sync::watch::Sender<bool>,
     handle: JoinHandle<()>,
@@ -59,6 +61,7 @@ impl TestServer {
             .await
             .expect("server starts");
         let stop = server.shutdown_sender();
+        let media_tcp = server.media_tcp_addr();
         let handle = tokio::spawn(async move {
             server
                 .serve(listener, std::future::pending())
@@ -67,6 +70,7 @@ impl TestServer {
         });
         Self {
             addr,
+            media_tcp,
             dir,
             stop,
             handle,
