@@ -267,25 +267,29 @@ class Coturn:
     credentials with `use-auth-secret` and `static-auth-secret` as deploy/coturn/turnserver.conf
     does. Loopback peers are allowed, since the Switchboard media port is on 127.0.0.1 here."""
 
-    def __init__(self, workdir: Path, secret: str):
+    def __init__(self, workdir: Path, secret: str, ip: str = "127.0.0.1", tcp: bool = False):
+        """`ip`: the address coturn listens and relays on; `tcp`: also take TURN over TCP (for
+        clients whose UDP is blocked), and hand out the `?transport=tcp` URL."""
         self.workdir = workdir
         self.secret = secret
+        self.ip = ip
+        self.tcp = tcp
         self.port = _free_udp_port()
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = workdir / "turnserver.log"
 
     @property
     def url(self) -> str:
-        return f"turn:127.0.0.1:{self.port}?transport=udp"
+        return f"turn:{self.ip}:{self.port}?transport={'tcp' if self.tcp else 'udp'}"
 
     def start(self, timeout: float = 10) -> None:
         binary = shutil.which("turnserver")
         assert binary, "coturn is missing (apt-get install coturn; scripts/test installs it)"
         conf = self.workdir / "turnserver.conf"
         conf.write_text("\n".join([
-            "listening-ip=127.0.0.1",
+            f"listening-ip={self.ip}",
             f"listening-port={self.port}",
-            "relay-ip=127.0.0.1",
+            f"relay-ip={self.ip}",
             "min-port=40000",
             "max-port=40999",
             "use-auth-secret",
@@ -294,7 +298,7 @@ class Coturn:
             "fingerprint",
             "no-tls",
             "no-dtls",
-            "no-tcp",
+            *([] if self.tcp else ["no-tcp"]),
             "no-cli",
             "allow-loopback-peers",
             "no-software-attribute",
@@ -335,3 +339,59 @@ def _free_udp_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+
+class Netns:
+    """A client network namespace joined to this host by a veth pair: `host_ip` on this side,
+    `ns_ip` inside (a /30 of 10.213.0.0/16 picked from the process ID). Made and removed by the
+    test; needs root (ip netns, nftables)."""
+
+    def __init__(self, tag: str):
+        pid = os.getpid()
+        n = pid % 250 + 1
+        self.name = f"sb{tag}{pid}"
+        self.host_if = f"sbp{pid % 100000}"
+        self.ns_if = f"sbq{pid % 100000}"
+        self.host_ip = f"10.213.{n}.5"
+        self.ns_ip = f"10.213.{n}.6"
+        self.created = False
+
+    @staticmethod
+    def available() -> bool:
+        return os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("nft") is not None
+
+    def run(self, *cmd: str) -> str:
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+    def exec(self, *cmd: str) -> str:
+        return self.run("ip", "netns", "exec", self.name, *cmd)
+
+    def create(self) -> "Netns":
+        self.run("ip", "netns", "add", self.name)
+        self.created = True
+        self.run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        self.run("ip", "link", "set", self.ns_if, "netns", self.name)
+        self.run("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+        self.run("ip", "link", "set", self.host_if, "up")
+        self.exec("ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
+        self.exec("ip", "link", "set", self.ns_if, "up")
+        self.exec("ip", "link", "set", "lo", "up")
+        return self
+
+    def block_udp_to(self, ip: str) -> None:
+        """Drops (and counts) every UDP datagram the namespace sends to `ip`."""
+        self.exec("nft", "add", "table", "inet", "sbblock")
+        self.exec("nft", "add", "chain", "inet", "sbblock", "out",
+                  "{ type filter hook output priority 0; policy accept; }")
+        self.exec("nft", "add", "rule", "inet", "sbblock", "out", "ip", "daddr", ip,
+                  "meta", "l4proto", "udp", "counter", "drop")
+
+    def udp_dropped(self) -> int:
+        out = self.exec("nft", "list", "table", "inet", "sbblock")
+        m = re.search(r"counter packets (\d+)", out)
+        return int(m.group(1)) if m else 0
+
+    def destroy(self) -> None:
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+        if self.created:
+            subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
