@@ -3,7 +3,7 @@
 //! the network would feed it; the public parsers (`signaling::wire`, `codec`, `auth`, the billing
 //! query, the RTP rewriter) are fuzzed through their own API.
 
-use crate::sfu::{limits, net};
+use crate::sfu::{limits, net, tcp};
 
 /// The STUN path of the media I/O thread: the server ufrag of a binding request and the worker
 /// it names.
@@ -37,4 +37,42 @@ pub fn sdp_limits(sdp: &str, trickled: &[&str], max_candidates: usize) -> (usize
         assert!(set.len() <= max_candidates, "the candidate cap holds");
     }
     (summary.mlines, summary.sending, set.len())
+}
+
+/// The ICE-TCP reader (RFC 4571 framing): `stream` fed in pieces cut where `cuts` says. Returns
+/// the frames read, which are the same whatever the cuts (checked against one whole read), or
+/// `None` once the stream had a frame of a bad length (which closes the connection).
+pub fn tcp_frames(stream: &[u8], cuts: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let read = |pieces: &mut dyn Iterator<Item = &[u8]>| -> Option<Vec<Vec<u8>>> {
+        let mut r = tcp::FrameReader::default();
+        let mut out = Vec::new();
+        for p in pieces {
+            let ranges = r.push(p).ok()?;
+            for (s, l) in &ranges {
+                let f = r.buffer().get(*s..s + l)?.to_vec();
+                assert!(!f.is_empty() && f.len() <= tcp::MAX_FRAME);
+                out.push(f);
+            }
+            r.consume(&ranges);
+        }
+        Some(out)
+    };
+    let whole = read(&mut std::iter::once(stream));
+    let mut rest = stream;
+    let mut pieces = Vec::new();
+    for c in cuts {
+        let n = usize::from(*c).min(rest.len());
+        let (a, b) = rest.split_at(n);
+        pieces.push(a);
+        rest = b;
+    }
+    pieces.push(rest);
+    let cut = read(&mut pieces.into_iter());
+    match (&whole, &cut) {
+        // A bad length stops both reads at the same frame; the frames before it may differ in
+        // how many were returned before the error, so only a clean stream must match exactly.
+        (Some(w), Some(c)) => assert_eq!(w, c, "cutting the stream changed the frames"),
+        (None, _) | (_, None) => {}
+    }
+    whole
 }
