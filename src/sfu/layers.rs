@@ -69,6 +69,48 @@ pub struct LayerSelector {
     upgrade_since: Option<(usize, Instant)>,
 }
 
+/// What a consumer wants of the subscriber's bandwidth, for the estimator's probing
+/// (str0m's `Bwe::set_bitrate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Wanted {
+    /// Bits per second of the layer one step above `current` (or `current` at the top): what
+    /// padding should sustain so that the estimate can grow into the next layer.
+    pub next: u64,
+    /// Bits per second of the best layer the cap allows: what to probe for.
+    pub best: u64,
+}
+
+/// The bitrates a consumer forwarding layer `current` of `layers` (lowest first) under `cap`
+/// would move up to. Unmeasured bitrates count as 0. Pure.
+pub fn wanted(layers: &[LayerState], cap: Cap, current: Option<usize>) -> Wanted {
+    let active: Vec<usize> = (0..layers.len())
+        .filter(|&i| layers.get(i).is_some_and(|l| l.active))
+        .collect();
+    let Some(&lowest) = active.first() else {
+        return Wanted::default();
+    };
+    let rate = |i: usize| layers.get(i).map_or(0, |l| l.bitrate);
+    let best = if cap.is_set() {
+        active
+            .iter()
+            .copied()
+            .rfind(|&i| layers.get(i).is_some_and(|l| cap.fits(l)))
+            .unwrap_or(lowest)
+    } else {
+        active.last().copied().unwrap_or(lowest)
+    };
+    let cur = current.filter(|c| active.contains(c)).unwrap_or(lowest);
+    let next = active
+        .iter()
+        .copied()
+        .find(|&i| i > cur && i <= best)
+        .unwrap_or(cur.min(best));
+    Wanted {
+        next: rate(next),
+        best: rate(best),
+    }
+}
+
 impl LayerSelector {
     /// The last selection.
     pub fn current(&self) -> Option<usize> {
@@ -174,6 +216,50 @@ mod tests {
         max_width: None,
         max_height: None,
     };
+
+    #[test]
+    fn wanted_names_the_next_layer_up_and_the_best_the_cap_allows() {
+        let cap = |w, h| Cap {
+            max_width: Some(w),
+            max_height: Some(h),
+        };
+        // On the low layer, uncapped: pad toward 360p, probe for 720p.
+        assert_eq!(
+            wanted(&three(), NO_CAP, Some(0)),
+            Wanted {
+                next: 500_000,
+                best: 1_500_000
+            }
+        );
+        // At the top: nothing above.
+        assert_eq!(wanted(&three(), NO_CAP, Some(2)).next, 1_500_000);
+        // A 360p cap stops both at 360p.
+        assert_eq!(
+            wanted(&three(), cap(640, 360), Some(0)),
+            Wanted {
+                next: 500_000,
+                best: 500_000
+            }
+        );
+        assert_eq!(
+            wanted(&three(), cap(640, 360), Some(1)),
+            Wanted {
+                next: 500_000,
+                best: 500_000
+            }
+        );
+        // Nothing forwarded yet counts from the lowest layer; an idle top layer is skipped.
+        let mut idle_top = three();
+        idle_top[2].active = false;
+        assert_eq!(
+            wanted(&idle_top, NO_CAP, None),
+            Wanted {
+                next: 500_000,
+                best: 500_000
+            }
+        );
+        assert_eq!(wanted(&[], NO_CAP, None), Wanted::default());
+    }
 
     #[test]
     fn cap_selects_the_largest_layer_that_fits() {

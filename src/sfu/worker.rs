@@ -29,7 +29,7 @@ use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
 
 use super::forwarder::{Decision, DropReason, Forwarder, MediaKind, PacketInfo};
 use super::keyframe::KeyframeThrottle;
-use super::layers::{Cap, LayerSelector, LayerState};
+use super::layers::{Cap, LayerSelector, LayerState, UPGRADE_HEADROOM, wanted};
 use super::limits::{CandidateSet, LimitError, MediaLimits, candidate_key};
 use super::net::{self, DatagramBatch, IoMsg};
 use super::rewriter::{RtpIn, RtpRewriter, Vp8Munger};
@@ -63,6 +63,17 @@ const RTX_CACHE_AGE: Duration = Duration::from_millis(1000);
 /// can make the server send: at most five times the stream it chose, on its own downlink, where
 /// transport-cc sees the resends too and lowers the layer (and so the bound) if they congest it.
 const RTX_RATIO_CAP: Option<f32> = Some(0.8);
+
+/// What an audio consumer counts for in the estimator's targets.
+const AUDIO_BPS: u64 = 48_000;
+
+/// Estimator targets change in steps of this, so that measured bitrates wobbling by a few
+/// percent do not reconfigure it every tick.
+const PROBE_STEP_BPS: u64 = 50_000;
+
+fn quantize(bps: u64) -> u64 {
+    bps.div_ceil(PROBE_STEP_BPS) * PROBE_STEP_BPS
+}
 
 /// How often layer selection, bitrate measurement, speakers and liveness run.
 const TICK: Duration = Duration::from_millis(100);
@@ -229,6 +240,8 @@ struct Participant {
     sub_answered: bool,
     consumers: HashMap<TrackId, Consumer>,
     bwe: Option<u64>,
+    /// The (minimum, desired) bitrates last given to the subscriber connection's estimator.
+    probe_target: (u64, u64),
     joined_seq: u64,
 }
 
@@ -931,6 +944,7 @@ impl Worker {
                 sub_answered: false,
                 consumers: HashMap::new(),
                 bwe: None,
+                probe_target: (0, 0),
                 joined_seq: seq,
             },
         );
@@ -1966,11 +1980,13 @@ impl Worker {
             return;
         };
         let mut requests: Vec<(TrackId, usize)> = Vec::new();
+        let mut probes: Vec<(ConnId, u64, u64)> = Vec::new();
         for p in room.participants.values_mut() {
             if only.is_some_and(|u| *u != p.user) {
                 continue;
             }
             let bwe = p.bwe;
+            let (mut minimum, mut desired) = (0u64, 0u64);
             for c in p.consumers.values_mut() {
                 if c.ssrc.is_none() {
                     continue;
@@ -1979,7 +1995,13 @@ impl Worker {
                     continue;
                 };
                 let target = match t.kind {
-                    MediaKind::Audio => Some(0),
+                    MediaKind::Audio => {
+                        if c.enabled {
+                            minimum += AUDIO_BPS;
+                            desired += AUDIO_BPS;
+                        }
+                        Some(0)
+                    }
                     MediaKind::Video => {
                         let order = t.quality_order();
                         let states = t.layer_states(now);
@@ -1987,9 +2009,13 @@ impl Worker {
                             .iter()
                             .map(|&i| states.get(i).copied().unwrap_or_default())
                             .collect();
-                        c.selector
-                            .select(&ordered, bwe, c.cap, now)
-                            .and_then(|k| order.get(k).copied())
+                        let picked = c.selector.select(&ordered, bwe, c.cap, now);
+                        if c.enabled {
+                            let w = wanted(&ordered, c.cap, picked);
+                            minimum += w.next;
+                            desired += (w.best as f64 * UPGRADE_HEADROOM) as u64;
+                        }
+                        picked.and_then(|k| order.get(k).copied())
                     }
                 };
                 if let Some(tg) = target
@@ -2002,6 +2028,25 @@ impl Worker {
                 {
                     requests.push((c.track.clone(), tg));
                 }
+            }
+            // Probe for what the subscriber's layers would need: padding sustains the next layer
+            // up (capped by the estimate, so it cannot congest a link the estimate knows is
+            // full), and the estimator probes toward the best layers. Without this a subscriber
+            // moved down by congestion would never see its estimate grow back once the link
+            // clears, since the low layer alone never tests the capacity.
+            let target = (quantize(minimum.min(desired)), quantize(desired));
+            if let Some(sub) = p.subscriber
+                && p.probe_target != target
+            {
+                p.probe_target = target;
+                probes.push((sub, target.0, target.1));
+            }
+        }
+        for (id, minimum, desired) in probes {
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.rtc
+                    .bwe()
+                    .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(desired));
             }
         }
         for (t, l) in requests {

@@ -382,6 +382,13 @@ export class Netns {
     return m ? Number(m[1]) : 0;
   }
 
+  /** Shapes what the host sends into the namespace to `rate` (e.g. '600kbit') with a token
+   * bucket (`tc tbf`; this kernel has no netem), or lifts the limit with `null`. */
+  async limitDownlink(rate) {
+    await sh('tc', ['qdisc', 'del', 'dev', this.hostIf, 'root']).catch(() => {});
+    if (rate) await sh('tc', ['qdisc', 'add', 'dev', this.hostIf, 'root', 'tbf', 'rate', rate, 'burst', '20kb', 'latency', '300ms']);
+  }
+
   /** A script that runs Chromium inside the namespace (for playwright's `executablePath`). */
   async chromiumWrapper(dir, chromium) {
     const { writeFile, chmod } = await import('node:fs/promises');

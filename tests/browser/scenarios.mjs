@@ -22,8 +22,8 @@ function measuredParticipants(room) {
 }
 
 // What `user` receives of `from`'s video, per the admin API: `{enabled, max_width, max_height, layer}`.
-async function subscription(t, callId, user, from) {
-  const r = await t.server.admin(`/v1/rooms/${encodeURIComponent(callId)}`);
+async function subscription(t, callId, user, from, server = t.server) {
+  const r = await server.admin(`/v1/rooms/${encodeURIComponent(callId)}`);
   const ps = r.body?.participants ?? [];
   const track = ps.find((p) => p.user_id === from)?.tracks.find((tr) => tr.kind === 'video');
   return ps.find((p) => p.user_id === user)?.subscriptions.find((s) => s.track_id === track?.track_id) ?? null;
@@ -548,6 +548,52 @@ export const scenarios = [
       t.log(`${dropped} UDP datagrams from Bert dropped; ${open} ICE-TCP connections open`);
       await click(alice, 'Hang up');
       await alice.view('home');
+    },
+  },
+  {
+    name: 'constrained-link',
+    title: 'Bob’s downlink is cut to 600 kbit/s: within seconds the server forwards him Alice’s low simulcast layer, and the high one again once the limit is lifted',
+    async run(t) {
+      if (!Netns.available()) throw new Error('needs root for a network namespace (ip netns, tc)');
+      // Bob's Chromium runs in a namespace behind a veth pair; a token bucket on the host's end
+      // shapes everything the server sends him. Alice publishes 720p simulcast (q, h, f) from the host.
+      const ns = await new Netns('bw').create();
+      t.defer(() => ns.destroy());
+      const server = await t.startServer({ host: ns.hostIp });
+      const secure = [`--unsafely-treat-insecure-origin-as-secure=${server.url}`];
+      const hostBrowser = await t.launchBrowser(t.chromiumPath, secure);
+      const nsBrowser = await t.launchBrowser(await ns.chromiumWrapper(t.dir, t.chromiumPath), secure);
+      const alice = await t.user({ id: 'ada', name: 'Ada Lind', server, browser: hostBrowser });
+      // A desktop window: Bob's one remote tile is large, so his page asks for the top layer.
+      const bob = await t.user({ id: 'ben', name: 'Ben Ortiz', server, browser: nsBrowser });
+      await alice.signIn();
+      await bob.signIn();
+      await alice.call('ben', 'video');
+      await bob.incoming();
+      await click(bob, /^Accept/);
+      await bob.view('call');
+      await bob.expectVideoFrom('ada', { timeout: 45_000 });
+      const callId = await alice.callId();
+      const layer = async () => (await subscription(t, callId, 'ben', 'ada', server))?.layer;
+      const top = await waitUntil(async () => ((await layer()) === 'f' ? 'f' : null),
+        { timeout: 30_000, what: 'Ben to get Ada’s top layer (f) on the open link' });
+      t.log(`open link: Ben receives layer ${top}`);
+
+      await ns.limitDownlink('600kbit');
+      const limitedAt = Date.now();
+      await waitUntil(async () => (await layer()) === 'q',
+        { timeout: 20_000, every: 250, what: 'Ben to be switched to the low layer (q) at 600 kbit/s' });
+      t.log(`600 kbit/s: low layer after ${((Date.now() - limitedAt) / 1000).toFixed(1)} s`);
+      await bob.expectVideoFrom('ada', { timeout: 20_000 });
+      await bob.shot('limited');
+
+      await ns.limitDownlink(null);
+      const liftedAt = Date.now();
+      await waitUntil(async () => (await layer()) === 'f',
+        { timeout: 45_000, every: 250, what: 'Ben to get the top layer (f) again once the limit is lifted' });
+      t.log(`limit lifted: top layer again after ${((Date.now() - liftedAt) / 1000).toFixed(1)} s`);
+      await bob.expectVideoFrom('ada');
+      await click(alice, 'Hang up');
     },
   },
 ];
