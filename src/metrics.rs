@@ -70,6 +70,7 @@ metrics! {
     Histogram PACKET_DWELL = "switchboard_packet_dwell_seconds", "Seconds a packet spends inside the server, receive to send.";
     Gauge UDP_ROUTES = "switchboard_udp_routes", "Source addresses the media I/O thread routes to a worker, each confirmed by a connection's ICE check (at most [media] max_routes).";
     Counter UDP_ROUTES_REFUSED = "switchboard_udp_routes_refused_total", "Confirmed media source addresses not routed because the table was full ([media] max_routes).";
+    Counter ICE_REBINDINGS = "switchboard_ice_rebindings_total", "Media paths moved to a client's new address after its NAT rebound (a check from a new address while the old path was silent).";
     Gauge TCP_CONNECTIONS = "switchboard_tcp_connections", "ICE-TCP connections open now (at most [media] max_tcp_connections).";
     Counter TCP_REFUSED = "switchboard_tcp_refused_total", "ICE-TCP connections closed at accept because [media] max_tcp_connections were open.";
     Counter TCP_DROPPED_SLOW = "switchboard_tcp_dropped_slow_total", "Packets to ICE-TCP clients dropped because the client's queue was full (it reads too slowly).";

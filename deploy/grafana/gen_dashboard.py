@@ -245,6 +245,7 @@ def build():
         (f"sum(switchboard_tcp_connections{{{SEL}}})", "ICE-TCP connections"),
         (rate("switchboard_tcp_dropped_slow_total"), "ICE-TCP drops/s (slow client)"),
         (rate("switchboard_tcp_refused_total"), "ICE-TCP refused/s (max_tcp_connections)"),
+        (rate("switchboard_ice_rebindings_total"), "NAT rebindings followed/s"),
         (rate("switchboard_udp_routes_expired_total"), "expired/s"),
     ], description="Addresses confirmed by an accepted ICE check; capped by [media] max_routes."),
           12, 8)

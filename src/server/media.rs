@@ -225,6 +225,11 @@ impl MediaPlane {
                     .map_err(api)?;
                 Ok(json!({ "sdp": answer }))
             }
+            Op::RtcIceRestart(a) => {
+                let user = self.participant(session, &a.call_id)?;
+                self.sfu.ice_restart(&a.call_id, &user).await.map_err(api)?;
+                Ok(json!({}))
+            }
             Op::RtcAnswer(a) => {
                 let user = self.participant(session, &a.call_id)?;
                 self.sfu

@@ -573,6 +573,11 @@ pub(crate) enum Command {
         user: UserId,
         reply: oneshot::Sender<Result<(), SfuError>>,
     },
+    IceRestart {
+        room: CallId,
+        user: UserId,
+        reply: oneshot::Sender<Result<(), SfuError>>,
+    },
     CloseRoom {
         room: CallId,
         reply: oneshot::Sender<()>,
@@ -644,6 +649,7 @@ impl Sfu {
             .unwrap_or_default();
         let tcp_writers = Arc::new(tcp::TcpWriters::default());
         let tcp_counters = Arc::new(tcp::TcpCounters::default());
+        let restarted = Arc::new(net::UfragRoutes::default());
         let n = if cfg.workers == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -667,6 +673,7 @@ impl Sfu {
                 tcp_candidates: tcp_candidates.clone(),
                 tcp_writers: tcp_writers.clone(),
                 tcp_counters: tcp_counters.clone(),
+                restarted: restarted.clone(),
                 sink: sink.clone(),
                 io_tx: io_tx.clone(),
                 counters: counters.clone(),
@@ -689,6 +696,7 @@ impl Sfu {
                 stop: stop.clone(),
                 max_conns: cfg.max_tcp_connections,
                 counters: tcp_counters.clone(),
+                restarted: restarted.clone(),
             };
             threads.push(
                 std::thread::Builder::new()
@@ -705,6 +713,7 @@ impl Sfu {
             stop: stop.clone(),
             counters: counters.clone(),
             max_routes: cfg.max_routes,
+            restarted,
         };
         threads.push(
             std::thread::Builder::new()
@@ -861,6 +870,18 @@ impl Sfu {
     /// Removes the participant: unpublishes its tracks, closes its connections.
     pub async fn leave(&self, room: &CallId, user: &UserId) -> Result<(), SfuError> {
         self.call(room, |reply| Command::Leave {
+            room: room.clone(),
+            user: user.clone(),
+            reply,
+        })
+        .await?
+    }
+
+    /// Restarts ICE on the participant's subscriber connection: a new `rtc_offer` with fresh
+    /// server credentials follows (after the one in flight, if any). The publisher connection
+    /// restarts through the client's own offer (`publish` with new credentials).
+    pub async fn ice_restart(&self, room: &CallId, user: &UserId) -> Result<(), SfuError> {
+        self.call(room, |reply| Command::IceRestart {
             room: room.clone(),
             user: user.clone(),
             reply,

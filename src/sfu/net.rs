@@ -163,6 +163,86 @@ pub(crate) fn stun_local_ufrag(d: &[u8]) -> Option<&str> {
     None
 }
 
+/// Server ufrags that do not encode their worker: str0m picks fresh random credentials on an ICE
+/// restart, so a worker registers a restarted connection's ufrag here (and removes it when the
+/// connection closes or restarts again). At most one entry per connection.
+pub(crate) type UfragRoutes = dashmap::DashMap<String, usize>;
+
+/// The worker a binding request for server ufrag `ufrag` goes to: a restarted connection's
+/// registered worker, else the one the ufrag's first four hex digits name.
+pub(crate) fn worker_for(ufrag: &str, restarted: &UfragRoutes) -> Option<usize> {
+    match restarted.get(ufrag) {
+        Some(w) => Some(*w),
+        None => worker_of_ufrag(ufrag),
+    }
+}
+
+/// STUN attribute types this module writes or skips.
+const ATTR_PRIORITY: u16 = 0x0024;
+const ATTR_USE_CANDIDATE: u16 = 0x0025;
+const ATTR_MESSAGE_INTEGRITY: u16 = 0x0008;
+const ATTR_FINGERPRINT: u16 = 0x8028;
+/// The highest candidate priority ICE allows (2^31 - 1).
+const TOP_PRIORITY: u32 = 0x7fff_ffff;
+
+/// A binding request re-signed as a nomination of its own path: its attributes up to
+/// MESSAGE-INTEGRITY, with PRIORITY raised to the highest value and USE-CANDIDATE set, then
+/// MESSAGE-INTEGRITY (HMAC-SHA1 with `password`, the server's ICE password the client signed
+/// with) and FINGERPRINT computed again. `None` if `d` is not a well-formed binding request.
+///
+/// This is how the worker follows a NAT rebinding (see `Worker::datagrams`): str0m, as ICE-lite,
+/// switches its send path only to a nominated pair of higher priority, and the check from the
+/// new port (a peer-reflexive candidate, lower priority than the host one, often without
+/// USE-CANDIDATE) would otherwise wait 15 s for the old pair to expire. The caller has checked
+/// the original's integrity first, so only the client that holds the credentials can move its
+/// path.
+pub(crate) fn promote_binding_request(d: &[u8], password: &[u8]) -> Option<Vec<u8>> {
+    use hmac::{Hmac, Mac};
+    if d.len() < 20 || d.get(0..2)? != [0x00, 0x01] || d.get(4..8)? != [0x21, 0x12, 0xa4, 0x42] {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([*d.get(2)?, *d.get(3)?]));
+    let attrs = d.get(20..20 + len)?;
+    let mut out = Vec::with_capacity(d.len() + 32);
+    out.extend_from_slice(d.get(..20)?);
+    let mut i = 0;
+    while i + 4 <= attrs.len() {
+        let typ = u16::from_be_bytes([*attrs.get(i)?, *attrs.get(i + 1)?]);
+        let alen = usize::from(u16::from_be_bytes([*attrs.get(i + 2)?, *attrs.get(i + 3)?]));
+        let padded = 4 + alen.div_ceil(4) * 4;
+        let whole = attrs.get(i..i + padded)?;
+        if typ == ATTR_MESSAGE_INTEGRITY || typ == ATTR_FINGERPRINT {
+            break;
+        }
+        if typ != ATTR_PRIORITY && typ != ATTR_USE_CANDIDATE {
+            out.extend_from_slice(whole);
+        }
+        i += padded;
+    }
+    out.extend_from_slice(&ATTR_PRIORITY.to_be_bytes());
+    out.extend_from_slice(&4u16.to_be_bytes());
+    out.extend_from_slice(&TOP_PRIORITY.to_be_bytes());
+    out.extend_from_slice(&ATTR_USE_CANDIDATE.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+    // MESSAGE-INTEGRITY covers the header with a length that counts it (RFC 8489 14.5).
+    let with_mi = u16::try_from(out.len() - 20 + 24).ok()?;
+    out.get_mut(2..4)?.copy_from_slice(&with_mi.to_be_bytes());
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(password).ok()?;
+    mac.update(&out);
+    let tag = mac.finalize().into_bytes();
+    out.extend_from_slice(&ATTR_MESSAGE_INTEGRITY.to_be_bytes());
+    out.extend_from_slice(&20u16.to_be_bytes());
+    out.extend_from_slice(&tag);
+    // FINGERPRINT: CRC-32 of everything before it, with the length counting it, XOR 0x5354554e.
+    let with_fp = u16::try_from(out.len() - 20 + 8).ok()?;
+    out.get_mut(2..4)?.copy_from_slice(&with_fp.to_be_bytes());
+    let crc = crc32fast::hash(&out) ^ 0x5354_554e;
+    out.extend_from_slice(&ATTR_FINGERPRINT.to_be_bytes());
+    out.extend_from_slice(&4u16.to_be_bytes());
+    out.extend_from_slice(&crc.to_be_bytes());
+    Some(out)
+}
+
 /// The worker index a server ufrag encodes (its first four hex digits).
 pub(crate) fn worker_of_ufrag(ufrag: &str) -> Option<usize> {
     let hex = ufrag.get(0..4)?;
@@ -184,6 +264,7 @@ pub(crate) struct IoThread {
     pub counters: Arc<Counters>,
     /// Most routes held (`[media] max_routes`).
     pub max_routes: usize,
+    pub restarted: Arc<UfragRoutes>,
 }
 
 impl IoThread {
@@ -191,7 +272,8 @@ impl IoThread {
         let fd = self.socket.as_raw_fd();
         let mut bufs = vec![[0u8; MAX_DATAGRAM]; RECV_BATCH];
         let n_workers = self.workers.len();
-        let mut routes = RouteTable::new(n_workers, self.max_routes, ROUTE_IDLE);
+        let mut routes = RouteTable::new(n_workers, self.max_routes, ROUTE_IDLE)
+            .with_restarted(self.restarted.clone());
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         let mut reported_len = 0usize;
         let mut unroutable = 0u64;
@@ -374,6 +456,53 @@ mod tests {
         }
         // The raw list (read through getifaddrs and freed again) has this host's loopback.
         assert!(interface_addrs().iter().any(|ip| ip.is_loopback()));
+    }
+
+    #[test]
+    fn a_promoted_binding_request_is_a_signed_nomination_of_top_priority() {
+        use hmac::{Hmac, Mac};
+        let d = stun_with_username(b"0003abcdefgh:clientufrag");
+        let p = promote_binding_request(&d, b"serverpassword").expect("a binding request");
+        // Same header (type, cookie, transaction), USERNAME kept.
+        assert_eq!(&p[..2], &d[..2]);
+        assert_eq!(&p[4..20], &d[4..20]);
+        assert_eq!(stun_local_ufrag(&p), Some("0003abcdefgh"));
+        let len = usize::from(u16::from_be_bytes([p[2], p[3]]));
+        assert_eq!(
+            len + 20,
+            p.len(),
+            "the header length counts every attribute"
+        );
+        // Walk the attributes.
+        let mut attrs = Vec::new();
+        let mut i = 20;
+        while i + 4 <= p.len() {
+            let typ = u16::from_be_bytes([p[i], p[i + 1]]);
+            let alen = usize::from(u16::from_be_bytes([p[i + 2], p[i + 3]]));
+            attrs.push((typ, i, alen));
+            i += 4 + alen.div_ceil(4) * 4;
+        }
+        let find = |t: u16| attrs.iter().find(|a| a.0 == t).copied().expect("attribute");
+        let (_, at, _) = find(ATTR_PRIORITY);
+        assert_eq!(&p[at + 4..at + 8], &TOP_PRIORITY.to_be_bytes());
+        assert_eq!(find(ATTR_USE_CANDIDATE).2, 0);
+        // MESSAGE-INTEGRITY verifies with the password over what precedes it (length up to it).
+        let (_, mi, _) = find(ATTR_MESSAGE_INTEGRITY);
+        let mut signed = p[..mi].to_vec();
+        signed[2..4].copy_from_slice(&((mi + 24 - 20) as u16).to_be_bytes());
+        let mut mac = Hmac::<sha1::Sha1>::new_from_slice(b"serverpassword").expect("key");
+        mac.update(&signed);
+        assert_eq!(&p[mi + 4..mi + 24], &mac.finalize().into_bytes()[..]);
+        // FINGERPRINT is last and matches.
+        let (typ, fp, _) = *attrs.last().expect("attrs");
+        assert_eq!(typ, ATTR_FINGERPRINT);
+        let crc = crc32fast::hash(&p[..fp]) ^ 0x5354_554e;
+        assert_eq!(&p[fp + 4..fp + 8], &crc.to_be_bytes());
+        // Not a binding request, or cut short: refused.
+        assert_eq!(promote_binding_request(&d[..10], b"x"), None);
+        let mut response = d.clone();
+        response[0] = 0x01;
+        assert_eq!(promote_binding_request(&response, b"x"), None);
     }
 
     #[test]

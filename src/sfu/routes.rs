@@ -22,7 +22,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::net::{is_stun, stun_local_ufrag, worker_of_ufrag};
+use super::net::{UfragRoutes, is_stun, stun_local_ufrag, worker_for};
+use std::sync::Arc;
 
 /// A route with neither traffic nor a confirming binding request for this long is dropped. Live
 /// connections send far more often (ICE consent checks every few seconds; a worker closes a
@@ -56,6 +57,7 @@ pub(crate) struct RouteTable {
     n_workers: usize,
     max: usize,
     idle: Duration,
+    restarted: Arc<UfragRoutes>,
 }
 
 impl RouteTable {
@@ -66,14 +68,21 @@ impl RouteTable {
             n_workers,
             max,
             idle,
+            restarted: Arc::default(),
         }
+    }
+
+    /// Routes restarted connections' ufrags by `restarted` too (see [`UfragRoutes`]).
+    pub(crate) fn with_restarted(mut self, restarted: Arc<UfragRoutes>) -> Self {
+        self.restarted = restarted;
+        self
     }
 
     /// The worker a datagram from `src` goes to, if any. Traffic on a route keeps it alive.
     pub(crate) fn route(&mut self, src: SocketAddr, data: &[u8], now: Instant) -> Option<usize> {
         if is_stun(data)
             && let Some(w) = stun_local_ufrag(data)
-                .and_then(worker_of_ufrag)
+                .and_then(|u| worker_for(u, &self.restarted))
                 .filter(|w| *w < self.n_workers)
         {
             return Some(w);

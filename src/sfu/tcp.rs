@@ -133,6 +133,7 @@ pub(crate) struct TcpPlane {
     pub stop: Arc<AtomicBool>,
     pub max_conns: usize,
     pub counters: Arc<TcpCounters>,
+    pub restarted: Arc<net::UfragRoutes>,
 }
 
 /// ICE-TCP counters (also exported as metrics).
@@ -151,6 +152,7 @@ pub struct TcpCounters {
 }
 
 struct Shared {
+    restarted: Arc<net::UfragRoutes>,
     workers: Vec<std_mpsc::Sender<WorkerMsg>>,
     backlogs: Vec<Arc<AtomicU64>>,
     writers: Arc<TcpWriters>,
@@ -177,8 +179,10 @@ impl TcpPlane {
             stop,
             max_conns,
             counters,
+            restarted,
         } = self;
         let shared = Arc::new(Shared {
+            restarted,
             workers,
             backlogs,
             writers,
@@ -275,7 +279,7 @@ async fn connection(shared: &Shared, stream: TcpStream, peer: SocketAddr, serial
             let first = ranges.first().and_then(|(s, l)| buf.get(*s..s + l));
             match first
                 .and_then(net::stun_local_ufrag)
-                .and_then(net::worker_of_ufrag)
+                .and_then(|u| net::worker_for(u, &shared.restarted))
             {
                 Some(w) if w < shared.workers.len() => worker = Some(w),
                 _ => {

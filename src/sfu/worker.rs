@@ -81,6 +81,11 @@ const TICK: Duration = Duration::from_millis(100);
 const LAYER_IDLE: Duration = Duration::from_millis(1500);
 /// A connection that received nothing for this long is dead.
 const CONN_IDLE: Duration = Duration::from_secs(20);
+/// A connected client's check from a new address moves the media path there (see
+/// `net::promote_binding_request`) once nothing has come from the current path for this long.
+const REBIND_SILENCE: Duration = Duration::from_millis(1000);
+/// A connection whose ICE failed is kept this long for the client to restart ICE.
+const ICE_RESTART_GRACE: Duration = Duration::from_secs(15);
 /// A connection that never connected is given up after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most messages handled per loop iteration before feeding timeouts and flushing.
@@ -103,6 +108,7 @@ pub(crate) struct WorkerInit {
     pub tcp_candidates: Vec<SocketAddr>,
     pub tcp_writers: Arc<TcpWriters>,
     pub tcp_counters: Arc<TcpCounters>,
+    pub restarted: Arc<net::UfragRoutes>,
     pub sink: Arc<dyn MediaSink>,
     pub io_tx: mpsc::Sender<IoMsg>,
     pub counters: Arc<Counters>,
@@ -122,6 +128,16 @@ struct Conn {
     user: UserId,
     role: Role,
     ufrag: String,
+    /// The server ufrag of an ICE restart offered but not answered yet (routed already, so that
+    /// the client's checks with it reach the connection as soon as it applies the offer).
+    next_ufrag: Option<String>,
+    /// Since when ICE has been disconnected (the path failed): the client may restart ICE
+    /// within [`ICE_RESTART_GRACE`] before the connection is given up.
+    ice_down_since: Option<Instant>,
+    /// Where str0m sends this connection's media (its nominated path), and when a datagram last
+    /// came from there: a check from elsewhere after [`REBIND_SILENCE`] is a NAT rebinding.
+    send_to: Option<SocketAddr>,
+    send_to_rx: Instant,
     /// UDP source addresses this connection accepted checks from (the I/O thread routes them).
     addrs: Vec<SocketAddr>,
     /// ICE-TCP connections (by client address) this connection accepted checks on.
@@ -238,6 +254,8 @@ struct Participant {
     renegotiate: bool,
     /// The subscriber connection has had an answer accepted (see `renegotiate`).
     sub_answered: bool,
+    /// An ICE restart of the subscriber connection was asked for and not offered yet.
+    ice_restart: bool,
     consumers: HashMap<TrackId, Consumer>,
     bwe: Option<u64>,
     /// The (minimum, desired) bitrates last given to the subscriber connection's estimator.
@@ -292,6 +310,7 @@ pub(crate) struct Worker {
     tcp_candidates: Vec<SocketAddr>,
     tcp_writers: Arc<TcpWriters>,
     tcp_counters: Arc<TcpCounters>,
+    restarted: Arc<net::UfragRoutes>,
     sink: Arc<dyn MediaSink>,
     io_tx: mpsc::Sender<IoMsg>,
     counters: Arc<Counters>,
@@ -340,6 +359,14 @@ fn drain(id: ConnId, conn: &mut Conn, out: &mut Outbox, events: &mut VecDeque<(C
                 return;
             }
             Ok(Output::Transmit(t)) => match t.proto {
+                // Media (not STUN, whose responses go wherever a check came from) shows the path.
+                _ if !net::is_stun(&t.contents) && conn.send_to != Some(t.destination) => {
+                    conn.send_to = Some(t.destination);
+                    match t.proto {
+                        Protocol::Udp => out.udp.push((t.destination, t.contents.into())),
+                        _ => out.tcp.push((t.destination, t.contents.into())),
+                    }
+                }
                 Protocol::Udp => out.udp.push((t.destination, t.contents.into())),
                 _ => out.tcp.push((t.destination, t.contents.into())),
             },
@@ -393,6 +420,7 @@ impl Worker {
             tcp_candidates: init.tcp_candidates,
             tcp_writers: init.tcp_writers,
             tcp_counters: init.tcp_counters,
+            restarted: init.restarted,
             sink: init.sink,
             io_tx: init.io_tx,
             counters: init.counters,
@@ -534,11 +562,43 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(&id) else {
                 continue;
             };
+            if conn.send_to == Some(src) {
+                conn.send_to_rx = b.at;
+            }
             // For a binding request this checks the ufrags and the MESSAGE-INTEGRITY against
             // the connection's password: only a peer that was given the credentials passes.
             if conn.dead || !conn.rtc.accepts(&input) {
                 continue;
             }
+            // A NAT rebinding: the client's checks now come from a new address and nothing has
+            // come from the path in use for a while. Present the check as a top-priority
+            // nomination so that str0m moves the path at once (see promote_binding_request).
+            let promoted = if request_ufrag.is_some()
+                && conn.connected
+                && conn.send_to.is_some_and(|a| a != src)
+                && b.at.saturating_duration_since(conn.send_to_rx) >= REBIND_SILENCE
+            {
+                let pass = conn.rtc.direct_api().local_ice_credentials().pass;
+                net::promote_binding_request(data, pass.as_bytes())
+            } else {
+                None
+            };
+            let input = match promoted.as_deref().map(|p| p.try_into()) {
+                Some(Ok(contents)) => {
+                    tracing::debug!(user = %conn.user, from = %src, "following a NAT rebinding");
+                    count(m::ICE_REBINDINGS, 1);
+                    Input::Receive(
+                        b.at,
+                        Receive {
+                            proto,
+                            source: src,
+                            destination,
+                            contents,
+                        },
+                    )
+                }
+                _ => input,
+            };
             if let Err(e) = conn.rtc.handle_input(input) {
                 tracing::debug!(error = %e, "rtc input failed");
                 conn.dead = true;
@@ -737,6 +797,10 @@ impl Worker {
                 user: user.clone(),
                 role,
                 ufrag,
+                next_ufrag: None,
+                ice_down_since: None,
+                send_to: None,
+                send_to_rx: now,
                 addrs: Vec::new(),
                 tcp_addrs: Vec::new(),
                 next_timeout: now,
@@ -762,6 +826,11 @@ impl Worker {
             drain(id, &mut conn, &mut self.out, &mut ev);
         }
         self.by_ufrag.remove(&conn.ufrag);
+        self.restarted.remove(&conn.ufrag);
+        if let Some(u) = &conn.next_ufrag {
+            self.by_ufrag.remove(u);
+            self.restarted.remove(u);
+        }
         for a in &conn.addrs {
             self.by_addr.remove(&(Protocol::Udp, *a));
         }
@@ -837,6 +906,25 @@ impl Worker {
                     max_height,
                 };
                 let r = self.subscription(&room, &user, &track, enabled, cap);
+                self.process_events();
+                let _ = reply.send(r);
+            }
+            Command::IceRestart { room, user, reply } => {
+                let r = match self
+                    .rooms
+                    .get_mut(&room)
+                    .and_then(|r| r.participants.get_mut(&user))
+                {
+                    // Nothing to restart before the first subscriber offer.
+                    Some(p) => {
+                        p.ice_restart = p.subscriber.is_some();
+                        Ok(())
+                    }
+                    None => Err(SfuError::NotJoined),
+                };
+                if r.is_ok() {
+                    self.renegotiate(&room, &user);
+                }
                 self.process_events();
                 let _ = reply.send(r);
             }
@@ -945,6 +1033,7 @@ impl Worker {
                 consumers: HashMap::new(),
                 bwe: None,
                 probe_target: (0, 0),
+                ice_restart: false,
                 joined_seq: seq,
             },
         );
@@ -1024,7 +1113,33 @@ impl Worker {
             .map_err(|e| SfuError::BadSdp(e.to_string()))?;
         conn.candidates.add(summary.candidates);
         drain(id, conn, &mut self.out, &mut self.events);
+        // An offer with new ICE credentials restarted ICE: str0m answered with fresh ones.
+        self.sync_ufrag(id);
         Ok(answer.to_sdp_string())
+    }
+
+    /// Follows an ICE restart: if str0m's local ufrag for `id` changed, routes the new one (in
+    /// this worker and, since it does not carry the worker's prefix, in [`net::UfragRoutes`]) and
+    /// forgets the old.
+    fn sync_ufrag(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let now = conn.rtc.direct_api().local_ice_credentials().ufrag;
+        if let Some(next) = conn.next_ufrag.take()
+            && next != now
+        {
+            self.by_ufrag.remove(&next);
+            self.restarted.remove(&next);
+        }
+        if now == conn.ufrag {
+            return;
+        }
+        let old = std::mem::replace(&mut conn.ufrag, now.clone());
+        self.by_ufrag.remove(&old);
+        self.restarted.remove(&old);
+        self.by_ufrag.insert(now.clone(), id);
+        self.restarted.insert(now, self.idx);
     }
 
     fn answer(&mut self, room_id: &CallId, user: &UserId, answer: &str) -> Result<(), SfuError> {
@@ -1080,6 +1195,7 @@ impl Worker {
         };
         drain(sub, conn, &mut self.out, &mut self.events);
         let again = std::mem::take(&mut p.renegotiate);
+        self.sync_ufrag(sub);
         if again {
             self.renegotiate(room_id, user);
         }
@@ -1323,7 +1439,7 @@ impl Worker {
             .filter(|t| !room.tracks.contains_key(*t))
             .cloned()
             .collect();
-        if wanted.is_empty() && gone.is_empty() {
+        if wanted.is_empty() && gone.is_empty() && !p.ice_restart {
             return;
         }
         let sub = match p.subscriber {
@@ -1390,10 +1506,25 @@ impl Worker {
                 api.set_direction(c.mid, Direction::Inactive);
             }
         }
+        let restart_ufrag = if std::mem::take(&mut p.ice_restart) {
+            Some(api.ice_restart(true).ufrag)
+        } else {
+            None
+        };
         if !api.has_changes() {
             return;
         }
         if let Some((offer, pending)) = api.apply() {
+            if let Some(u) = restart_ufrag {
+                // Route the new ufrag now: the client checks with it as soon as it applies the
+                // offer, perhaps before its answer reaches us. The old one goes with the answer.
+                self.by_ufrag.insert(u.clone(), sub);
+                self.restarted.insert(u.clone(), self.idx);
+                if let Some(old) = conn.next_ufrag.replace(u) {
+                    self.by_ufrag.remove(&old);
+                    self.restarted.remove(&old);
+                }
+            }
             p.pending_offer = Some(pending);
             p.renegotiate |= held_back;
             let mut sdp = offer.to_sdp_string();
@@ -1437,9 +1568,13 @@ impl Worker {
         let role = conn.role;
         match ev {
             Event::Connected => conn.connected = true,
-            Event::IceConnectionStateChange(IceConnectionState::Disconnected) | Event::Closed => {
-                conn.dead = true;
+            // A failed path is not the end: the client may restart ICE (or its NAT rebinding
+            // may be nominated) within ICE_RESTART_GRACE; liveness gives up after that.
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                conn.ice_down_since.get_or_insert(Instant::now());
             }
+            Event::IceConnectionStateChange(_) => conn.ice_down_since = None,
+            Event::Closed => conn.dead = true,
             Event::RtpPacket(pkt) if role == Role::Publisher => self.rtp(id, pkt),
             Event::MediaAdded(added)
                 if role == Role::Publisher && added.direction.is_receiving() =>
@@ -1967,6 +2102,8 @@ impl Worker {
             let idle = now.saturating_duration_since(c.last_rx);
             if (c.connected && idle > CONN_IDLE)
                 || (!c.connected && now.saturating_duration_since(c.created) > CONNECT_TIMEOUT)
+                || c.ice_down_since
+                    .is_some_and(|t| now.saturating_duration_since(t) > ICE_RESTART_GRACE)
             {
                 c.dead = true;
             }

@@ -571,6 +571,8 @@ pub enum Op {
     RtcSubscription(RtcSubscriptionArgs),
     /// Leave a call's room.
     RtcLeave(RtcCallArgs),
+    /// Restart ICE on the subscriber connection (a new `rtc_offer` follows).
+    RtcIceRestart(RtcCallArgs),
 }
 
 impl Op {
@@ -594,6 +596,7 @@ impl Op {
             Op::RtcCandidate(_) => "rtc_candidate",
             Op::RtcSubscription(_) => "rtc_subscription",
             Op::RtcLeave(_) => "rtc_leave",
+            Op::RtcIceRestart(_) => "rtc_ice_restart",
         }
     }
 }
@@ -665,6 +668,7 @@ pub fn parse_request(text: &str) -> Result<Request, FrameError> {
         "rtc_candidate" => typed(&op, args).map(Op::RtcCandidate),
         "rtc_subscription" => typed(&op, args).map(Op::RtcSubscription),
         "rtc_leave" => typed(&op, args).map(Op::RtcLeave),
+        "rtc_ice_restart" => typed(&op, args).map(Op::RtcIceRestart),
         other => Err(format!("unknown op {other:?}")),
     };
     parsed

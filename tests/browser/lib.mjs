@@ -305,6 +305,22 @@ export class User {
     return second;
   }
 
+  /** Waits until video from `userId` plays on (after a freeze): polls until its time has moved
+   * by 0.5 s within a 1.2 s window. Resolves with when that window began. */
+  async videoResumes(userId, { timeout = 20_000 } = {}) {
+    const p = this.page;
+    const time = () => p.evaluate((uid) => document.querySelector(`.tile[data-user="${CSS.escape(uid)}"] video`)?.currentTime ?? 0, userId);
+    const deadline = Date.now() + timeout;
+    for (;;) {
+      const at = Date.now();
+      const t0 = await time();
+      await sleep(1200);
+      const t1 = await time();
+      if (t1 > t0 + 0.5) return at;
+      assert(Date.now() < deadline, `${this.id}: video from ${userId} did not resume within ${timeout} ms (${t0} → ${t1})`);
+    }
+  }
+
   /** The server-measured resolution shown on a remote tile, e.g. "640×360". */
   async measuredResolution(userId, { timeout = 20_000 } = {}) {
     const badge = this.page.locator(`.tile[data-user="${userId}"] .tile-res`);
@@ -334,7 +350,7 @@ export async function sh(cmd, args) {
 
 /**
  * A client network namespace joined to the host by a veth pair: the host side is `hostIp`, the
- * namespace side `nsIp` (a /30 of 10.213.0.0/16 picked from the process ID, so that parallel runs
+ * namespace side `nsIp` (a /29 of 10.213.0.0/16 picked from the process ID, so that parallel runs
  * do not collide). Made and removed by the test; needs root (`ip netns`, nftables).
  */
 export class Netns {
@@ -356,9 +372,9 @@ export class Netns {
     this.created = true;
     await sh('ip', ['link', 'add', this.hostIf, 'type', 'veth', 'peer', 'name', this.nsIf]);
     await sh('ip', ['link', 'set', this.nsIf, 'netns', this.name]);
-    await sh('ip', ['addr', 'add', `${this.hostIp}/30`, 'dev', this.hostIf]);
+    await sh('ip', ['addr', 'add', `${this.hostIp}/29`, 'dev', this.hostIf]);
     await sh('ip', ['link', 'set', this.hostIf, 'up']);
-    await this.exec('ip', ['addr', 'add', `${this.nsIp}/30`, 'dev', this.nsIf]);
+    await this.exec('ip', ['addr', 'add', `${this.nsIp}/29`, 'dev', this.nsIf]);
     await this.exec('ip', ['link', 'set', this.nsIf, 'up']);
     await this.exec('ip', ['link', 'set', 'lo', 'up']);
     return this;
@@ -366,6 +382,43 @@ export class Netns {
 
   exec(cmd, args) {
     return sh('ip', ['netns', 'exec', this.name, cmd, ...args]);
+  }
+
+  /** Source-NATs the namespace's UDP to random ports (nftables `masquerade random`), as a NAT
+   * with port randomization does; `rebindUdp` then gives every UDP flow a new mapping. */
+  async natUdp() {
+    await this.exec('nft', ['add', 'table', 'ip', 'sbnat']);
+    await this.exec('nft', ['add', 'chain', 'ip', 'sbnat', 'post', '{ type nat hook postrouting priority 100; }']);
+    await this.exec('nft', ['add', 'rule', 'ip', 'sbnat', 'post', 'oifname', this.nsIf, 'meta', 'l4proto', 'udp', 'masquerade', 'random']);
+  }
+
+  /** Flushes the NAT's UDP mappings (conntrack): the next datagram of each flow leaves from a new
+   * port. TCP (signaling) keeps its mapping. */
+  async rebindUdp() {
+    await this.exec('conntrack', ['-D', '-p', 'udp']).catch((e) => {
+      // conntrack exits 1 when it deleted nothing.
+      if (!/0 flow entries/.test(e.message)) throw e;
+    });
+  }
+
+  /** Drops every UDP datagram the namespace sends (the path fails) until `unblockUdp`. */
+  async blockUdp() {
+    await this.exec('nft', ['add', 'table', 'inet', 'sbfail']);
+    await this.exec('nft', ['add', 'chain', 'inet', 'sbfail', 'out', '{ type filter hook output priority 0; policy accept; }']);
+    await this.exec('nft', ['add', 'rule', 'inet', 'sbfail', 'out', 'meta', 'l4proto', 'udp', 'drop']);
+  }
+
+  async unblockUdp() {
+    await this.exec('nft', ['delete', 'table', 'inet', 'sbfail']);
+  }
+
+  /** Moves the namespace to the next address of its /29 (a network hand-over: every path that
+   * used the old address dies). */
+  async changeAddress() {
+    const next = this.nsIp.replace(/\.(\d+)$/, (_, d) => `.${Number(d) + 1}`);
+    await this.exec('ip', ['addr', 'add', `${next}/29`, 'dev', this.nsIf]);
+    await this.exec('ip', ['addr', 'del', `${this.nsIp}/29`, 'dev', this.nsIf]);
+    this.nsIp = next;
   }
 
   /** Drops (and counts) every UDP datagram the namespace sends to `ip`. */

@@ -725,6 +725,11 @@ function defaultVideoConstraints() {
   return { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } };
 }
 
+// How long a connection may stay `disconnected` before it is ICE-restarted, and how long an ICE
+// restart may take before the room is joined again from scratch.
+const ICE_DISCONNECTED_WAIT_MS = 1500;
+const ICE_RESTART_TIMEOUT_MS = 8000;
+
 const PC_CONFIG = { iceServers: [], bundlePolicy: 'max-bundle', rtcpMuxPolicy: 'require' };
 
 /**
@@ -761,7 +766,11 @@ export class Room extends Emitter {
   #joinedSince = null;
   #closed = false;
   #restarting = null;
-  #failTimer = null;
+  // Per connection ('publisher', 'subscriber'): the pending recovery timer, and whether an ICE
+  // restart was already tried since it last connected.
+  #recoverTimers = new Map();
+  #restartDeadlines = new Map();
+  #iceRestarted = new Set();
 
   constructor(client, callId, opts = {}) {
     super();
@@ -904,7 +913,7 @@ export class Room extends Emitter {
   _teardown(reason) {
     if (this.#closed) return;
     this.#closed = true;
-    clearTimeout(this.#failTimer);
+    for (const t of [...this.#recoverTimers.values(), ...this.#restartDeadlines.values()]) clearTimeout(t);
     this.#closePcs();
     if (this.#ownsStream) for (const t of this.localStream?.getTracks() ?? []) t.stop();
     this.#client._removeRoom(this.callId, this);
@@ -918,6 +927,10 @@ export class Room extends Emitter {
       try { pc.close(); } catch { /* closed */ }
     }
     this.#pub = this.#sub = null;
+    for (const t of [...this.#recoverTimers.values(), ...this.#restartDeadlines.values()]) clearTimeout(t);
+    this.#recoverTimers.clear();
+    this.#restartDeadlines.clear();
+    this.#iceRestarted.clear();
     this.#pubReady = this.#subReady = false;
     this.#pubCandidates = [];
     this.#subCandidates = [];
@@ -1075,12 +1088,53 @@ export class Room extends Emitter {
         signaling: true,
       };
       this.emit('connection', state);
-      clearTimeout(this.#failTimer);
-      // A connection that fails (not one that is briefly disconnected) is rebuilt from scratch.
-      if (pc.connectionState === 'failed' && this.#client.state === 'open') {
-        this.#failTimer = setTimeout(() => this.#restart(`${which} failed`), 1000);
+      clearTimeout(this.#recoverTimers.get(which));
+      this.#recoverTimers.delete(which);
+      if (pc.connectionState === 'connected') {
+        this.#iceRestarted.delete(which);
+        clearTimeout(this.#restartDeadlines.get(which));
+        this.#restartDeadlines.delete(which);
+        return;
+      }
+      // A path that failed (or stays disconnected, as after a network change) is first repaired
+      // with an ICE restart of that connection alone; if that does not reconnect it, the room is
+      // joined again from scratch.
+      const lost = pc.connectionState === 'failed' || pc.connectionState === 'disconnected';
+      if (lost && this.#client.state === 'open') {
+        const wait = pc.connectionState === 'failed' ? 0 : ICE_DISCONNECTED_WAIT_MS;
+        this.#recoverTimers.set(which, setTimeout(() => this.#recover(pc, which), wait));
       }
     };
+  }
+
+  async #recover(pc, which) {
+    const current = () => (which === 'publisher' ? this.#pub : this.#sub) === pc;
+    if (!current() || pc.connectionState === 'connected' || this.#closed) return;
+    if (this.#iceRestarted.has(which) || this.#client.state !== 'open') {
+      this.#restart(`${which} ${pc.connectionState}`);
+      return;
+    }
+    this.#iceRestarted.add(which);
+    this.emit('ice_restart', { connection: which });
+    try {
+      if (which === 'publisher') {
+        const offer = await pc.createOffer({ iceRestart: true });
+        await pc.setLocalDescription(offer);
+        const { sdp } = await this.#client.request('rtc_publish', { call_id: this.callId, sdp: pc.localDescription.sdp });
+        if (!current()) return;
+        await pc.setRemoteDescription({ type: 'answer', sdp });
+      } else {
+        // The server answers with a new rtc_offer carrying fresh credentials.
+        await this.#client.request('rtc_ice_restart', { call_id: this.callId });
+      }
+    } catch (e) {
+      if (current()) this.#restart(`${which} ICE restart failed`);
+      return;
+    }
+    // Not connected again in time: rebuild everything.
+    this.#restartDeadlines.set(which, setTimeout(() => {
+      if (current() && pc.connectionState !== 'connected') this.#restart(`${which} ICE restart timed out`);
+    }, ICE_RESTART_TIMEOUT_MS));
   }
 
   // ----- server events for this room -----
