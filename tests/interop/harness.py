@@ -78,7 +78,7 @@ class Server:
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout
-        http = udp = None
+        http = udp = tcp = None
         while time.monotonic() < deadline and not (http and udp):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
@@ -89,11 +89,13 @@ class Server:
                     continue
                 http = fields.get("http", http)
                 udp = fields.get("udp", udp)
+                tcp = fields.get("tcp", tcp)
             time.sleep(0.02)
         if not (http and udp):
             raise RuntimeError(f"server did not report its addresses:\n{self.log_tail()}")
         self.base_url = f"http://{http}"
         self.udp_port = int(udp.rsplit(":", 1)[1])
+        self.tcp_port = int(tcp.rsplit(":", 1)[1]) if tcp else 0
         while time.monotonic() < deadline:
             try:
                 if self.get("/readyz", auth=False)[0] == 200:
@@ -253,6 +255,63 @@ class LossyRelay(asyncio.DatagramProtocol):
             self.transport.close()
         if self.upstream:
             self.upstream.close()
+
+
+class UdpToTcpRelay(asyncio.DatagramProtocol):
+    """Carries a UDP-only client's media to the server's ICE-TCP port: each client address gets
+    one TCP connection, and every datagram travels as an RFC 4571 frame, both ways. With
+    `point_candidates_at` the client's peer connection then runs over ICE-TCP on the server side
+    (the server sees TCP candidates and `Protocol::Tcp`), which aiortc cannot do by itself."""
+
+    def __init__(self, tcp_port: int):
+        self.tcp_port = tcp_port
+        self.transport = None
+        self.conns: dict = {}
+        self.frames_up = self.frames_down = 0
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.transport, _ = await loop.create_datagram_endpoint(
+            lambda: self, local_addr=("127.0.0.1", 0))
+        return self.transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data, addr):
+        c = self.conns.get(addr)
+        if c is None:
+            c = self.conns[addr] = {"queue": [data], "writer": None}
+            asyncio.get_running_loop().create_task(self._open(addr, c))
+            return
+        if c["writer"] is None:
+            c["queue"].append(data)
+            return
+        self._send(c, data)
+
+    def _send(self, c, data: bytes) -> None:
+        c["writer"].write(len(data).to_bytes(2, "big") + data)
+        self.frames_up += 1
+
+    async def _open(self, addr, c) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.tcp_port)
+        c["writer"] = writer
+        for d in c["queue"]:
+            self._send(c, d)
+        c["queue"] = []
+        try:
+            while True:
+                n = int.from_bytes(await reader.readexactly(2), "big")
+                frame = await reader.readexactly(n)
+                self.frames_down += 1
+                if self.transport:
+                    self.transport.sendto(frame, addr)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    def close(self) -> None:
+        for c in self.conns.values():
+            if c["writer"]:
+                c["writer"].close()
+        if self.transport:
+            self.transport.close()
 
 
 def point_candidates_at(sdp: str, port: int) -> str:
