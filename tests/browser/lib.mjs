@@ -421,11 +421,12 @@ export class Netns {
     this.nsIp = next;
   }
 
-  /** Drops (and counts) every UDP datagram the namespace sends to `ip`. */
-  async blockUdpTo(ip) {
+  /** Drops (and counts) every UDP datagram the namespace sends to `ip` (only to `port`, if given). */
+  async blockUdpTo(ip, port) {
     await this.exec('nft', ['add', 'table', 'inet', 'sbblock']);
     await this.exec('nft', ['add', 'chain', 'inet', 'sbblock', 'out', '{ type filter hook output priority 0; policy accept; }']);
-    await this.exec('nft', ['add', 'rule', 'inet', 'sbblock', 'out', 'ip', 'daddr', ip, 'meta', 'l4proto', 'udp', 'counter', 'drop']);
+    const match = port ? ['udp', 'dport', String(port)] : ['meta', 'l4proto', 'udp'];
+    await this.exec('nft', ['add', 'rule', 'inet', 'sbblock', 'out', 'ip', 'daddr', ip, ...match, 'counter', 'drop']);
   }
 
   /** Packets the `blockUdpTo` rule dropped. */
@@ -454,5 +455,45 @@ export class Netns {
   async destroy() {
     await sh('ip', ['link', 'del', this.hostIf]).catch(() => {});
     if (this.created) await sh('ip', ['netns', 'del', this.name]).catch(() => {});
+  }
+}
+
+/** A real TURN server (Debian's coturn) on `ip`, checking TURN REST credentials
+ * (`use-auth-secret`) as deploy/coturn/turnserver.conf does. */
+export class Coturn {
+  constructor(dir, ip, secret) {
+    this.dir = dir;
+    this.ip = ip;
+    this.secret = secret;
+  }
+
+  get url() {
+    return `turn:${this.ip}:${this.port}?transport=udp`;
+  }
+
+  async start() {
+    const { writeFile } = await import('node:fs/promises');
+    this.port = await freePort();
+    this.log = join(this.dir, 'turnserver.log');
+    const conf = join(this.dir, 'turnserver.conf');
+    await writeFile(conf, [
+      `listening-ip=${this.ip}`, `listening-port=${this.port}`, `relay-ip=${this.ip}`,
+      'min-port=41000', 'max-port=41999', 'use-auth-secret', `static-auth-secret=${this.secret}`,
+      'realm=switchboard.test', 'fingerprint', 'no-tls', 'no-dtls', 'no-tcp', 'no-cli',
+      'no-software-attribute', `pidfile=${join(this.dir, 'turnserver.pid')}`, `log-file=${this.log}`,
+      'simple-log', 'verbose', '',
+    ].join('\n'));
+    this.proc = spawn('turnserver', ['-c', conf], { stdio: 'ignore' });
+    await waitUntil(async () => /listener opened on/.test(await readFile(this.log, 'utf8').catch(() => '')),
+      { timeout: 10_000, what: 'coturn to open its listener' });
+    return this;
+  }
+
+  async logText() {
+    return readFile(this.log, 'utf8').catch(() => '');
+  }
+
+  stop() {
+    this.proc?.kill('SIGTERM');
   }
 }

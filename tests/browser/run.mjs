@@ -140,7 +140,7 @@ async function runOne(s, { server, browser }) {
     for (const u of users) await u.close();
     for (const b of browsers) await b.close().catch(() => {});
     for (const srv of servers) await srv.stop().catch(() => {});
-    for (const f of cleanups.reverse()) await f().catch(() => {});
+    for (const f of cleanups.reverse()) await Promise.resolve().then(f).catch(() => {});
   }
   const secs = ((Date.now() - started) / 1000).toFixed(1);
   console.log(ok ? `  ✓ passed in ${secs} s` : `  ✗ failed after ${secs} s`);

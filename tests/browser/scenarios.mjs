@@ -1,7 +1,7 @@
 // The end-to-end scenarios. Each uses its own users, so calls that linger on the server (a general
 // call stays started until its room has been empty for a while) cannot make a later scenario busy.
 
-import { Netns, PHONE, assert, sleep, waitUntil } from './lib.mjs';
+import { Coturn, Netns, PHONE, assert, sleep, waitUntil } from './lib.mjs';
 
 const click = (user, name) => user.page.getByRole('button', { name, exact: typeof name === 'string' }).click();
 
@@ -19,6 +19,11 @@ function measuredParticipants(room) {
   return (room?.participants ?? [])
     .filter((p) => (p.tracks ?? []).some((tr) => tr.kind === 'video' && (tr.layers ?? []).some((l) => l.width > 0 && l.height > 0)))
     .map((p) => p.user_id);
+}
+
+async function readLog(server) {
+  const { readFile } = await import('node:fs/promises');
+  return readFile(server.logPath, 'utf8').catch(() => '');
 }
 
 // What `user` receives of `from`'s video, per the admin API: `{enabled, max_width, max_height, layer}`.
@@ -672,6 +677,53 @@ export const scenarios = [
       assert(rec.rejoins === 0, `Bo's room joined again ${rec.rejoins} times: the ICE restart did not recover it`);
       const tcp = await metric('switchboard_tcp_connections');
       assert(tcp >= 1, `no ICE-TCP connection after UDP failed (${tcp})`);
+      await click(alice, 'Hang up');
+    },
+  },
+  {
+    name: 'turn-relay',
+    title: 'Bob can reach only the TURN server, not the media port: his browser relays through coturn with the credentials rtc_join hands out',
+    async run(t) {
+      if (!Netns.available()) throw new Error('needs root for a network namespace (ip netns, nftables)');
+      const ns = await new Netns('turn').create();
+      t.defer(() => ns.destroy());
+      const secret = 'browser-turn-secret-0123456789';
+      const coturn = await new Coturn(t.dir, ns.hostIp, secret).start();
+      t.defer(() => coturn.stop());
+      // No ICE-TCP, and the namespace drops UDP to the media port: only coturn is left.
+      const server = await t.startServer({
+        host: ns.hostIp,
+        env: {
+          SWITCHBOARD_MEDIA_ICE_TCP: 'false',
+          SWITCHBOARD_TURN_URLS: coturn.url,
+          SWITCHBOARD_TURN_SECRET: secret,
+          SWITCHBOARD_TURN_TTL: '600',
+        },
+      });
+      const media = await waitUntil(async () => {
+        const log = await readLog(server);
+        return /media plane listening.*udp\S*=\S*:(\d+)/.exec(log)?.[1];
+      }, { what: 'the media port in the server log' });
+      await ns.blockUdpTo(ns.hostIp, media);
+      const secure = [`--unsafely-treat-insecure-origin-as-secure=${server.url}`];
+      const hostBrowser = await t.launchBrowser(t.chromiumPath, secure);
+      const nsBrowser = await t.launchBrowser(await ns.chromiumWrapper(t.dir, t.chromiumPath), secure);
+      const alice = await t.user({ id: 'tia', name: 'Tia Park', server, browser: hostBrowser });
+      const bob = await t.user({ id: 'ugo', name: 'Ugo Berg', server, browser: nsBrowser });
+      await alice.signIn();
+      await bob.signIn();
+      await alice.call('ugo', 'video');
+      await bob.incoming();
+      await click(bob, /^Accept/);
+      await bob.view('call');
+      await alice.expectVideoFrom('ugo', { timeout: 45_000 });
+      await bob.expectVideoFrom('tia', { timeout: 45_000 });
+      const dropped = await ns.udpDropped();
+      assert(dropped > 0, 'Ugo never tried the media port directly: the block tested nothing');
+      const log = await coturn.logText();
+      const allocations = (log.match(/user <\d+:ugo>/g) ?? []).length;
+      assert(allocations >= 2, `coturn saw ${allocations} requests with Ugo's credential`);
+      t.log(`${dropped} direct datagrams dropped; coturn relayed with Ugo's credential (${allocations} log lines)`);
       await click(alice, 'Hang up');
     },
   },

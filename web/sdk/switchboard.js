@@ -769,6 +769,7 @@ export class Room extends Emitter {
   // Per connection ('publisher', 'subscriber'): the pending recovery timer, and whether an ICE
   // restart was already tried since it last connected.
   #recoverTimers = new Map();
+  #iceServers = [];
   #restartDeadlines = new Map();
   #iceRestarted = new Set();
 
@@ -869,6 +870,17 @@ export class Room extends Emitter {
     this.#joinedSince = new Set();
     const joined = await this.#client.request('rtc_join', { call_id: this.callId });
     if (this.#closed) return;
+    // TURN servers for clients that cannot reach the media port directly (docs/protocol.md,
+    // `ice_servers`). The publisher connection is made with them; the subscriber one, made
+    // before the join so that no offer is missed, gets them now. Without TURN nothing changes.
+    this.#iceServers = Array.isArray(joined.ice_servers) ? joined.ice_servers : [];
+    if (this.#iceServers.length && this.#sub) {
+      try {
+        this.#sub.setConfiguration(this.#pcConfig());
+      } catch (e) {
+        this.emit('error', e);
+      }
+    }
     const present = new Set(this.#joinedSince);
     this.#joinedSince = null;
     for (const p of joined.participants ?? []) {
@@ -942,8 +954,12 @@ export class Room extends Emitter {
 
   // ----- publisher -----
 
+  #pcConfig() {
+    return this.#iceServers.length ? { ...PC_CONFIG, iceServers: this.#iceServers } : PC_CONFIG;
+  }
+
   async #publish() {
-    const pc = new RTCPeerConnection(PC_CONFIG);
+    const pc = new RTCPeerConnection(this.#pcConfig());
     this.#pub = pc;
     this.#watch(pc, 'publisher');
     pc.onicecandidate = (e) => this.#localCandidate('publisher', e.candidate);
@@ -978,7 +994,7 @@ export class Room extends Emitter {
   // ----- subscriber -----
 
   #newSubscriber() {
-    const pc = new RTCPeerConnection(PC_CONFIG);
+    const pc = new RTCPeerConnection(this.#pcConfig());
     this.#sub = pc;
     this.#watch(pc, 'subscriber');
     pc.onicecandidate = (e) => this.#localCandidate('subscriber', e.candidate);
