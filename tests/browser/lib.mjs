@@ -461,14 +461,16 @@ export class Netns {
 /** A real TURN server (Debian's coturn) on `ip`, checking TURN REST credentials
  * (`use-auth-secret`) as deploy/coturn/turnserver.conf does. */
 export class Coturn {
-  constructor(dir, ip, secret) {
+  /** `tcp`: also take TURN over TCP, and hand out the `?transport=tcp` URL. */
+  constructor(dir, ip, secret, { tcp = false } = {}) {
     this.dir = dir;
     this.ip = ip;
     this.secret = secret;
+    this.tcp = tcp;
   }
 
   get url() {
-    return `turn:${this.ip}:${this.port}?transport=udp`;
+    return `turn:${this.ip}:${this.port}?transport=${this.tcp ? 'tcp' : 'udp'}`;
   }
 
   async start() {
@@ -479,7 +481,7 @@ export class Coturn {
     await writeFile(conf, [
       `listening-ip=${this.ip}`, `listening-port=${this.port}`, `relay-ip=${this.ip}`,
       'min-port=41000', 'max-port=41999', 'use-auth-secret', `static-auth-secret=${this.secret}`,
-      'realm=switchboard.test', 'fingerprint', 'no-tls', 'no-dtls', 'no-tcp', 'no-cli',
+      'realm=switchboard.test', 'fingerprint', 'no-tls', 'no-dtls', ...(this.tcp ? [] : ['no-tcp']), 'no-cli',
       'no-software-attribute', `pidfile=${join(this.dir, 'turnserver.pid')}`, `log-file=${this.log}`,
       'simple-log', 'verbose', '',
     ].join('\n'));

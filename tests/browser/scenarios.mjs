@@ -727,4 +727,52 @@ export const scenarios = [
       await click(alice, 'Hang up');
     },
   },
+  {
+    name: 'mixed-udp-blocked',
+    title: 'On a network that drops all UDP to the server, a browser (ICE-TCP or TURN) and an aiortc client (through coturn over TCP) call each other and see each other',
+    async run(t) {
+      if (!Netns.available()) throw new Error('needs root for a network namespace (ip netns, nftables)');
+      const { spawn } = await import('node:child_process');
+      const { createInterface } = await import('node:readline');
+      const { fileURLToPath } = await import('node:url');
+      const root = fileURLToPath(new URL('../..', import.meta.url));
+      const python = `${root}.venv/bin/python`;
+      const ns = await new Netns('mix').create();
+      t.defer(() => ns.destroy());
+      await ns.blockUdpTo(ns.hostIp);
+      const secret = 'mixed-turn-secret-0123456789';
+      const coturn = await new Coturn(t.dir, ns.hostIp, secret, { tcp: true }).start();
+      t.defer(() => coturn.stop());
+      const server = await t.startServer({
+        host: ns.hostIp,
+        env: { SWITCHBOARD_TURN_URLS: coturn.url, SWITCHBOARD_TURN_SECRET: secret, SWITCHBOARD_TURN_TTL: '600' },
+      });
+      // Bob: aiortc as its own process in the namespace (tests/interop/ns_peer.py), relay only.
+      const bobProc = spawn('ip', ['netns', 'exec', ns.name, python, 'ns_peer.py', server.url, await server.token('vera')],
+        { cwd: `${root}tests/interop`, stdio: ['pipe', 'pipe', 'ignore'] });
+      t.defer(() => { bobProc.stdin.end(); setTimeout(() => bobProc.kill(), 5000).unref(); });
+      const reports = [];
+      createInterface({ input: bobProc.stdout }).on('line', (l) => { try { reports.push(JSON.parse(l)); } catch { /* not ours */ } });
+      await waitUntil(() => reports.some((r) => r.ready), { timeout: 20_000, what: 'the aiortc client to sign in' });
+
+      const secure = [`--unsafely-treat-insecure-origin-as-secure=${server.url}`];
+      const nsBrowser = await t.launchBrowser(await ns.chromiumWrapper(t.dir, t.chromiumPath), secure);
+      const alice = await t.user({ id: 'wes', name: 'Wes Grant', server, browser: nsBrowser });
+      await alice.signIn();
+      await alice.call('vera', 'video');
+      await alice.view('call');
+      const fromVera = await alice.expectVideoFrom('vera', { timeout: 45_000 });
+      const got = await waitUntil(() => reports.find((r) => (r.frames?.wes?.video ?? 0) >= 20 && (r.frames?.wes?.audio ?? 0) >= 20),
+        { timeout: 45_000, what: 'the aiortc client to decode 20 frames of the browser’s video and audio' });
+      assert(JSON.stringify(got.candidates) === '["relay"]', `the aiortc client used ${got.candidates}`);
+      const dropped = await ns.udpDropped();
+      assert(dropped > 0, 'nothing in the namespace tried UDP to the server: the block tested nothing');
+      const metrics = await (await fetch(`${server.url}/metrics`, { headers: { authorization: `Bearer ${server.adminToken}` } })).text();
+      const tcp = Number(/^switchboard_tcp_connections (\S+)$/m.exec(metrics)?.[1] ?? 0);
+      // The browser has ICE-TCP and the TURN server both; which pair wins is its choice.
+      t.log(`${tcp} ICE-TCP connections open`);
+      t.log(`Wes (Chromium) receives ${fromVera.w}×${fromVera.h}; Vera (aiortc, TURN/TCP) decoded ${got.frames.wes.video} video frames; ${dropped} UDP datagrams dropped`);
+      await click(alice, 'Hang up');
+    },
+  },
 ];
