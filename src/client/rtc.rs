@@ -659,6 +659,37 @@ impl Publisher {
     }
 }
 
+/// Remembers the last [`DupFilter::WINDOW`] sequence numbers of one track, to drop repeats.
+#[derive(Debug, Default)]
+struct DupFilter {
+    ssrc: Option<u32>,
+    seen: std::collections::HashSet<u16>,
+    order: std::collections::VecDeque<u16>,
+}
+
+impl DupFilter {
+    const WINDOW: usize = 1024;
+
+    /// Whether `seq` of `ssrc` is new (and remembers it). A new SSRC starts afresh.
+    fn first(&mut self, ssrc: u32, seq: u16) -> bool {
+        if self.ssrc != Some(ssrc) {
+            self.ssrc = Some(ssrc);
+            self.seen.clear();
+            self.order.clear();
+        }
+        if !self.seen.insert(seq) {
+            return false;
+        }
+        self.order.push_back(seq);
+        if self.order.len() > Self::WINDOW
+            && let Some(old) = self.order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+        true
+    }
+}
+
 /// One received RTP packet.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -703,9 +734,16 @@ impl Subscriber {
                 tokio::spawn(async move {
                     let stream_id = track.stream_id().await;
                     let track_id = track.track_id().await;
+                    let mut dups = DupFilter::default();
                     while let Some(ev) = track.poll().await {
                         match ev {
                             TrackRemoteEvent::OnRtpPacket(p) => {
+                                // A packet can come twice: a resend of one that was late, not
+                                // lost, or the server's bandwidth probing, which pads with RTX
+                                // copies of packets already sent. Deliver each number once.
+                                if !dups.first(p.header.ssrc, p.header.sequence_number) {
+                                    continue;
+                                }
                                 let r = Received {
                                     stream_id: stream_id.clone(),
                                     track_id: track_id.clone(),
@@ -771,5 +809,26 @@ impl Subscriber {
     /// Closes the connection.
     pub async fn close(&self) {
         let _ = self.pc.pc.close().await;
+    }
+}
+
+#[cfg(test)]
+mod dup_tests {
+    use super::DupFilter;
+
+    #[test]
+    fn repeats_within_the_window_are_dropped_and_old_numbers_come_back() {
+        let mut f = DupFilter::default();
+        assert!(f.first(1, 10));
+        assert!(f.first(1, 11));
+        assert!(!f.first(1, 10), "a repeat");
+        assert!(f.first(2, 10), "another SSRC starts afresh");
+        for s in 0..DupFilter::WINDOW as u16 + 1 {
+            f.first(2, 1000 + s);
+        }
+        assert!(
+            f.first(2, 10),
+            "forgotten past the window (the numbers wrap)"
+        );
     }
 }
