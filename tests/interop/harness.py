@@ -233,6 +233,22 @@ class LossyRelay(asyncio.DatagramProtocol):
         self.to_server += 1
         self.upstream.sendto(data)
 
+    async def rebind(self) -> None:
+        """Sends on from a new source port, as a NAT that lost its mapping does: the server sees
+        the same client (same ICE credentials) at a new address; the old port is closed."""
+        loop = asyncio.get_running_loop()
+        relay = self
+
+        class Upstream(asyncio.DatagramProtocol):
+            def datagram_received(self, data, addr):
+                relay._from_server(data)
+
+        old = self.upstream
+        self.upstream, _ = await loop.create_datagram_endpoint(
+            Upstream, local_addr=("127.0.0.1", 0), remote_addr=self.server_addr)
+        if old:
+            old.close()
+
     def _from_server(self, data: bytes) -> None:
         if self.client_addr is None:
             return
