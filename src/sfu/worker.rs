@@ -136,7 +136,7 @@ struct Conn {
     ice_down_since: Option<Instant>,
     /// Where str0m sends this connection's media (its nominated path), and when a datagram last
     /// came from there: a check from elsewhere after [`REBIND_SILENCE`] is a NAT rebinding.
-    send_to: Option<SocketAddr>,
+    send_to: Option<(Protocol, SocketAddr)>,
     send_to_rx: Instant,
     /// UDP source addresses this connection accepted checks from (the I/O thread routes them).
     addrs: Vec<SocketAddr>,
@@ -360,8 +360,11 @@ fn drain(id: ConnId, conn: &mut Conn, out: &mut Outbox, events: &mut VecDeque<(C
             }
             Ok(Output::Transmit(t)) => match t.proto {
                 // Media (not STUN, whose responses go wherever a check came from) shows the path.
-                _ if !net::is_stun(&t.contents) && conn.send_to != Some(t.destination) => {
-                    conn.send_to = Some(t.destination);
+                _ if !net::is_stun(&t.contents)
+                    && conn.send_to != Some((t.proto, t.destination)) =>
+                {
+                    conn.send_to = Some((t.proto, t.destination));
+                    conn.send_to_rx = Instant::now();
                     match t.proto {
                         Protocol::Udp => out.udp.push((t.destination, t.contents.into())),
                         _ => out.tcp.push((t.destination, t.contents.into())),
@@ -562,7 +565,7 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(&id) else {
                 continue;
             };
-            if conn.send_to == Some(src) {
+            if conn.send_to == Some((proto, src)) {
                 conn.send_to_rx = b.at;
             }
             // For a binding request this checks the ufrags and the MESSAGE-INTEGRITY against
@@ -573,9 +576,14 @@ impl Worker {
             // A NAT rebinding: the client's checks now come from a new address and nothing has
             // come from the path in use for a while. Present the check as a top-priority
             // nomination so that str0m moves the path at once (see promote_binding_request).
+            // UDP only: that is where NATs rebind; a TCP path cannot change its address, and a
+            // check on another transport is the client's own backup path, not a rebinding.
             let promoted = if request_ufrag.is_some()
                 && conn.connected
-                && conn.send_to.is_some_and(|a| a != src)
+                && proto == Protocol::Udp
+                && conn
+                    .send_to
+                    .is_some_and(|(p, a)| p == Protocol::Udp && a != src)
                 && b.at.saturating_duration_since(conn.send_to_rx) >= REBIND_SILENCE
             {
                 let pass = conn.rtc.direct_api().local_ice_credentials().pass;
