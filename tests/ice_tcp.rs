@@ -10,19 +10,9 @@ use common::TestServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A STUN binding request with this USERNAME (no MESSAGE-INTEGRITY), RFC 4571-framed.
+/// A binding request for `username`, RFC 4571-framed.
 fn framed_binding_request(username: &str) -> Vec<u8> {
-    let mut attrs = vec![0x00, 0x06];
-    attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
-    attrs.extend_from_slice(username.as_bytes());
-    while attrs.len() % 4 != 0 {
-        attrs.push(0);
-    }
-    let mut d = vec![0x00, 0x01];
-    d.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
-    d.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
-    d.extend_from_slice(&[9; 12]);
-    d.extend_from_slice(&attrs);
+    let d = common::binding_request(username);
     let mut f = (d.len() as u16).to_be_bytes().to_vec();
     f.extend_from_slice(&d);
     f
@@ -45,26 +35,11 @@ async fn closed_by_server(s: &mut TcpStream, within: Duration) -> Vec<u8> {
     got
 }
 
-async fn metric(s: &TestServer, name: &str) -> f64 {
-    let text = reqwest::Client::new()
-        .get(s.http("/metrics"))
-        .bearer_auth(s.admin_token())
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Waits until the gauge `name` reads `want` (the listener counts asynchronously).
 async fn gauge_reaches(s: &TestServer, name: &str, want: f64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let v = metric(s, name).await;
+        let v = s.metric(name).await.unwrap_or(0.0);
         if v == want {
             return;
         }
@@ -133,7 +108,7 @@ async fn connections_past_max_tcp_connections_are_closed_at_accept() {
     gauge_reaches(&s, "switchboard_tcp_connections", 2.0).await;
     let mut third = TcpStream::connect(addr).await.expect("the kernel accepts");
     closed_by_server(&mut third, Duration::from_secs(5)).await;
-    assert!(metric(&s, "switchboard_tcp_refused_total").await >= 1.0);
+    assert!(s.metric("switchboard_tcp_refused_total").await >= Some(1.0));
     // Closing one frees its slot.
     drop(held.pop());
     gauge_reaches(&s, "switchboard_tcp_connections", 1.0).await;

@@ -28,38 +28,11 @@ fn room_worker(call_id: &str, workers: u64) -> u64 {
     h % workers
 }
 
-/// A STUN binding request with this USERNAME (and no valid MESSAGE-INTEGRITY).
-fn binding_request(username: &str) -> Vec<u8> {
-    let mut attrs = vec![0x00, 0x06];
-    attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
-    attrs.extend_from_slice(username.as_bytes());
-    while attrs.len() % 4 != 0 {
-        attrs.push(0);
-    }
-    let mut d = vec![0x00, 0x01];
-    d.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
-    d.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
-    d.extend_from_slice(&rand::random::<[u8; 12]>());
-    d.extend_from_slice(&attrs);
-    d
-}
-
 fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .map(|a| a.port())
         .expect("free port")
-}
-
-async fn metric(s: &TestServer, name: &str) -> Option<f64> {
-    let text = reqwest::get(s.http("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,7 +52,7 @@ async fn spoofed_stun_flood_leaves_no_routes_and_cannot_misroute_a_real_client()
     let trap = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let trap_addr = trap.local_addr().expect("addr");
     trap.send_to(
-        &binding_request(&format!("{wrong:04x}abcdefghijkl:spoof")),
+        &common::binding_request(&format!("{wrong:04x}abcdefghijkl:spoof")),
         media,
     )
     .expect("send");
@@ -92,7 +65,7 @@ async fn spoofed_stun_flood_leaves_no_routes_and_cannot_misroute_a_real_client()
                 continue;
             };
             let user = format!("{:04x}{i:012}:x", i % 3);
-            if sock.send_to(&binding_request(&user), media).is_ok() {
+            if sock.send_to(&common::binding_request(&user), media).is_ok() {
                 sent += 1;
             }
             if i % 500 == 0 {
@@ -106,7 +79,7 @@ async fn spoofed_stun_flood_leaves_no_routes_and_cannot_misroute_a_real_client()
     assert!(sent > 19_000, "sent {sent}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        metric(&s, "switchboard_udp_routes").await,
+        s.metric("switchboard_udp_routes").await,
         Some(0.0),
         "spoofed binding requests created routes"
     );
@@ -170,22 +143,25 @@ async fn spoofed_stun_flood_leaves_no_routes_and_cannot_misroute_a_real_client()
 
     // Only real connections hold routes: alice's publisher and bob's subscriber (one address
     // each), whatever the flood did.
-    let routes = metric(&s, "switchboard_udp_routes").await.expect("gauge");
+    let routes = s.metric("switchboard_udp_routes").await.expect("gauge");
     assert!((2.0..=4.0).contains(&routes), "routes = {routes}");
     // And the spoofer still creates none while the call runs.
     let late = UdpSocket::bind("127.0.0.1:0").expect("bind");
     for i in 0..200 {
         let _ = late.send_to(
-            &binding_request(&format!("{:04x}late{i:08}:x", i % 2)),
+            &common::binding_request(&format!("{:04x}late{i:08}:x", i % 2)),
             media,
         );
     }
     // Nor with the connection's real ufrag but no valid MESSAGE-INTEGRITY, from many sources.
     for i in 0..200 {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let _ = sock.send_to(&binding_request(&format!("{real_ufrag}:spoof{i}")), media);
+        let _ = sock.send_to(
+            &common::binding_request(&format!("{real_ufrag}:spoof{i}")),
+            media,
+        );
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(metric(&s, "switchboard_udp_routes").await, Some(routes));
+    assert_eq!(s.metric("switchboard_udp_routes").await, Some(routes));
     s.stop().await;
 }

@@ -120,6 +120,22 @@ impl TestServer {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The value of one unlabelled series of `/metrics` (the admin token is sent; `/metrics` may
+    /// or may not need it).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::Client::new()
+            .get(self.http("/metrics"))
+            .bearer_auth(self.admin_token())
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     pub async fn stop(self) -> tempfile::TempDir {
         let _ = self.stop.send(true);
         let _ = self.handle.await;
@@ -161,4 +177,21 @@ impl TestServer {
             .expect("accept");
         (a, b, call_id)
     }
+}
+
+/// A STUN binding request with this USERNAME and a random transaction ID (no MESSAGE-INTEGRITY):
+/// routed by its server ufrag, refused by any connection.
+pub fn binding_request(username: &str) -> Vec<u8> {
+    let mut attrs = vec![0x00, 0x06];
+    attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
+    attrs.extend_from_slice(username.as_bytes());
+    while attrs.len() % 4 != 0 {
+        attrs.push(0);
+    }
+    let mut d = vec![0x00, 0x01];
+    d.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+    d.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+    d.extend_from_slice(&rand::random::<[u8; 12]>());
+    d.extend_from_slice(&attrs);
+    d
 }
