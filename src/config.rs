@@ -75,6 +75,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Seconds a drain lets calls in progress continue before ending them.
     pub drain_timeout: u64,
+    /// This node's name in a shared store: the calls it runs are marked with it, and after a
+    /// restart it takes back only those. Empty: the host name with a PostgreSQL store, nothing with
+    /// SQLite (one node).
+    pub node_id: String,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +86,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7880)),
             drain_timeout: 300,
+            node_id: String::new(),
         }
     }
 }
@@ -240,8 +245,11 @@ impl Default for SessionsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Path of the SQLite database; its directory is created if missing.
+    /// Path of the SQLite database; its directory is created if missing. Unused with `url`.
     pub path: PathBuf,
+    /// A PostgreSQL database to keep everything in instead (`postgres://user:password@host/db`),
+    /// shared by every node that names it. Empty: the SQLite file at `path`.
+    pub url: String,
     /// Days an ended call stays in the history; 0 keeps it forever. The billing ledger is kept.
     pub history_days: u32,
     /// Seconds a failing write is retried (while the clients whose ops it carries wait) before
@@ -253,6 +261,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("data/switchboard.db"),
+            url: String::new(),
             history_days: 0,
             write_timeout: 3,
         }
@@ -626,6 +635,21 @@ impl Config {
         }
         if self.storage.path.as_os_str().is_empty() {
             return invalid("storage.path", "must not be empty");
+        }
+        if let Err(e) = crate::storage::backend_of(&self.storage.url) {
+            let why = e.to_string();
+            return invalid("storage.url", why.trim_start_matches("storage.url: "));
+        }
+        let node = &self.server.node_id;
+        if node.len() > 64
+            || !node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return invalid(
+                "server.node_id",
+                "at most 64 characters of letters, digits, '-', '_' and '.'",
+            );
         }
         let tiers = &self.billing.tiers;
         if tiers.len() < 2 {

@@ -59,6 +59,9 @@ enum Command {
     },
     /// Put a real load on a running server and report what was measured.
     Loadtest(LoadtestArgs),
+    /// Create or migrate the database schema ([storage] path or url) and exit. `serve` does the same
+    /// at start; this lets an operator do it first, with the server stopped or running.
+    Migrate(ConfigArgs),
     /// Billing reports from the usage ledger.
     Billing {
         #[command(subcommand)]
@@ -69,8 +72,8 @@ enum Command {
 #[derive(Subcommand)]
 enum BillingCommand {
     /// Usage per (user, tier) and per (call, user, tier) over a period, with billable minutes. Reads the
-    /// database at [storage] path (safe while the server runs; segments still running on the server are
-    /// included up to their last checkpoint).
+    /// database at [storage] path or url (safe while the server runs; segments still running on the
+    /// server are included up to their last checkpoint).
     Report {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -410,11 +413,15 @@ fn billing_report(
         .map(|u| UserId::parse(&u))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--user-id {e}"))?;
-    let path = &config.storage.path;
-    if !path.exists() {
-        bail!("no database at {} (storage.path)", path.display());
+    if switchboard::storage::backend_of(&config.storage.url)? == switchboard::storage::Kind::Sqlite
+        && !config.storage.path.exists()
+    {
+        bail!(
+            "no database at {} (storage.path)",
+            config.storage.path.display()
+        );
     }
-    let store = switchboard::storage::Store::open(path)?;
+    let mut store = switchboard::storage::Store::connect(&config.storage)?;
     let rows = store.usage(from, to, call_id.as_ref(), user_id.as_ref())?;
     let report = build(
         &rows,
@@ -432,6 +439,23 @@ fn billing_report(
         ("csv", g) => bail!("--group {g:?}: use call or user"),
         (f, _) => bail!("--format {f:?}: use json or csv"),
     }
+    Ok(())
+}
+
+fn migrate(cfg: ConfigArgs) -> anyhow::Result<()> {
+    let config = Config::load(cfg.config.as_deref(), std::env::vars())
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let mut store = switchboard::storage::Store::connect(&config.storage)?;
+    let version = store.schema_version()?;
+    let where_ = match store.backend() {
+        "sqlite" => config.storage.path.display().to_string(),
+        _ => "storage.url".to_owned(),
+    };
+    println!(
+        "{} database ({where_}): schema version {version} (this build knows {})",
+        store.backend(),
+        store.known_schema_version()
+    );
     Ok(())
 }
 
@@ -478,6 +502,7 @@ fn main() -> ExitCode {
                     group,
                 },
         } => billing_report(cfg, from, to, call_id, user_id, &format, &group),
+        Command::Migrate(cfg) => migrate(cfg),
         Command::Loadtest(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -1,19 +1,22 @@
-//! The embedded store: one SQLite file (WAL) holding call history, the billing ledger and the webhook
-//! outbox. `switchboard serve` needs nothing else running.
+//! The durable store: call history, the billing ledger and the webhook outbox.
 //!
-//! [`Store`] is the synchronous database. The server owns it on one thread, [`StoreThread`], which takes
-//! jobs in order, writes a whole batch of them in one transaction (group commit), and only then runs each
-//! job's continuation. Continuations deliver the events and replies of the ops that caused the writes,
-//! so nothing a client sees can be lost to a crash: a reply is sent after its change is committed.
-//! Commits use `synchronous = NORMAL`: a committed transaction survives the process being killed
-//! (kill -9); only a power cut can lose the last few. Commits never checkpoint: a second thread
-//! with its own connection copies the WAL into the main file (and fsyncs) in the background, so a
-//! checkpoint's fsync never holds up the replies waiting for a commit.
+//! Two backends hold it: an embedded SQLite file (the default: `switchboard serve` needs nothing else
+//! running; [`sqlite`]) and a PostgreSQL database several nodes share (`[storage] url`; [`postgres`]).
+//! All SQL of the server is in those two modules. [`Store`] is the synchronous interface the rest of
+//! the server uses, the same for both; it keeps what does not depend on the backend (which parts of a
+//! call changed since it was last written, the webhook receivers, the node's name).
+//!
+//! The server owns the store on one thread, [`StoreThread`], which takes jobs in order, writes a
+//! whole batch of them in one transaction (group commit), and only then runs each job's
+//! continuation. Continuations deliver the events and replies of the ops that caused the writes, so
+//! nothing a client sees can be lost to a crash: a reply is sent after its change is committed.
+//!
+//! Each backend's schema is a table of versioned scripts applied at open; a database whose version
+//! is newer than this build knows is refused ([`StoreError::SchemaTooNew`]).
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::billing::{UsageRecord, UsageRow};
@@ -22,6 +25,8 @@ use crate::signaling::wire::{CallState, EndReason, Mode, UserState};
 use crate::signaling::{CallRecord, CallUserRecord};
 use crate::webhooks::OutboxEvent;
 
+mod postgres;
+mod sqlite;
 mod writer;
 pub use writer::{Continuation, Job, PROBE_EVERY, Restorer, StoreThread, Unavailable};
 
@@ -31,6 +36,22 @@ pub enum StoreError {
     /// SQLite refused.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL refused, or could not be reached.
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    /// `[storage] url` is not one this build can open.
+    #[error("storage.url: {0}")]
+    Url(String),
+    /// The database was migrated by a newer release: this one would misread it.
+    #[error(
+        "the database schema is at version {found}, newer than this build knows ({known}): run the release that migrated it, or restore a backup"
+    )]
+    SchemaTooNew {
+        /// The database's version.
+        found: u32,
+        /// The newest this build knows.
+        known: u32,
+    },
     /// The database directory could not be created.
     #[error("cannot create {path}: {source}")]
     Dir {
@@ -123,126 +144,181 @@ fn raw_json<S: serde::Serializer>(body: &str, s: S) -> Result<S::Ok, S::Error> {
 /// Most dead letters kept; the oldest go first.
 pub const MAX_DEAD_LETTERS: i64 = 10_000;
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS calls (
-    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
-    call_id       TEXT NOT NULL UNIQUE,
-    caller        TEXT NOT NULL,
-    mode          TEXT NOT NULL,
-    state         TEXT NOT NULL,
-    extended_data TEXT NOT NULL,
-    timeout_secs  INTEGER NOT NULL,
-    create_time   INTEGER NOT NULL,
-    end_time      INTEGER NOT NULL,
-    end_reason    TEXT
-);
-CREATE INDEX IF NOT EXISTS calls_started ON calls(seq) WHERE state = 'started';
-CREATE INDEX IF NOT EXISTS calls_ended ON calls(end_time) WHERE state = 'ended';
-CREATE TABLE IF NOT EXISTS call_users (
-    call_seq             INTEGER NOT NULL REFERENCES calls(seq),
-    idx                  INTEGER NOT NULL,
-    user_id              TEXT NOT NULL,
-    state                TEXT NOT NULL,
-    extended_data        TEXT NOT NULL,
-    inviter              TEXT NOT NULL,
-    invite_extended_data TEXT NOT NULL,
-    invite_time          INTEGER NOT NULL,
-    deadline             INTEGER NOT NULL,
-    accept_time          INTEGER NOT NULL,
-    leave_time           INTEGER NOT NULL,
-    PRIMARY KEY (call_seq, user_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS call_users_by_user ON call_users(user_id, call_seq);
-CREATE TABLE IF NOT EXISTS users (
-    user_id   TEXT PRIMARY KEY,
-    name      TEXT,
-    last_seen INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS usage (
-    call_id  TEXT NOT NULL,
-    user_id  TEXT NOT NULL,
-    start_ms INTEGER NOT NULL,
-    end_ms   INTEGER NOT NULL,
-    tier     TEXT NOT NULL,
-    PRIMARY KEY (call_id, user_id, start_ms)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS usage_by_time ON usage(start_ms);
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS webhook_outbox (
-    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id     TEXT NOT NULL,
-    url          TEXT NOT NULL,
-    body         TEXT NOT NULL,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    next_attempt INTEGER NOT NULL,
-    refusals     INTEGER NOT NULL DEFAULT 0,
-    created_at   INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (event_id, url)
-);
-CREATE TABLE IF NOT EXISTS webhook_dead (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id   TEXT NOT NULL,
-    url        TEXT NOT NULL,
-    body       TEXT NOT NULL,
-    attempts   INTEGER NOT NULL,
-    refusals   INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    dead_at    INTEGER NOT NULL,
-    reason     TEXT NOT NULL
-);
-"#;
+/// A call to write, with what changed since this store last wrote it.
+pub(crate) struct CallWrite<'a> {
+    pub(crate) rec: &'a CallRecord,
+    /// The call's row ID, when its row needs no write (only some of its users changed).
+    pub(crate) seq: Option<i64>,
+    /// Indexes in `rec.users` of the users to write.
+    pub(crate) users: Vec<usize>,
+}
 
-/// The oldest ended calls, through the `calls_ended` index (no scan of the history).
-const OLD_ENDED_CALLS: &str =
-    "SELECT seq FROM calls WHERE state = 'ended' AND end_time < ?1 ORDER BY end_time LIMIT ?2";
+/// One transaction's worth of writes.
+pub(crate) struct Batch<'a> {
+    pub(crate) calls: Vec<CallWrite<'a>>,
+    pub(crate) events: &'a [OutboxEvent],
+    /// Each event gets one outbox row per receiver.
+    pub(crate) urls: &'a [String],
+    pub(crate) usage: &'a [UsageRecord],
+    pub(crate) now_ms: u64,
+    /// The node that runs these calls.
+    pub(crate) node: &'a str,
+}
 
-/// The database.
+/// What a backend does. Every method is one transaction or one read; [`Store`] holds the state that
+/// is the same for both.
+pub(crate) trait Backend: Send {
+    /// `sqlite` or `postgres`.
+    fn kind(&self) -> &'static str;
+    /// Writes a batch in one transaction. Returns each call's row ID (in `calls` order) and how many
+    /// ledger segments were new.
+    fn write_batch(&mut self, b: &Batch<'_>) -> Result<(Vec<i64>, usize), StoreError>;
+    fn prune_history(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError>;
+    /// Started calls run by `node`, with their row IDs.
+    fn started_calls(&mut self, node: &str) -> Result<Vec<(i64, CallRecord)>, StoreError>;
+    fn probe(&mut self, now_ms: u64) -> Result<(), StoreError>;
+    fn call(&mut self, id: &CallId) -> Result<Option<CallRecord>, StoreError>;
+    fn list_calls(&mut self, f: &CallFilter, limit: usize) -> Result<Vec<CallRecord>, StoreError>;
+    /// Row IDs of the user's calls below `before`, newest first.
+    fn user_call_seqs(
+        &mut self,
+        user: &UserId,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<i64>, StoreError>;
+    fn call_by_seq(&mut self, seq: i64) -> Result<Option<CallRecord>, StoreError>;
+    fn remember_user(
+        &mut self,
+        user: &UserId,
+        name: Option<&str>,
+        now: u64,
+    ) -> Result<(), StoreError>;
+    fn user_names(&mut self, users: &[UserId]) -> Result<HashMap<UserId, String>, StoreError>;
+    fn usage(
+        &mut self,
+        from_ms: u64,
+        to_ms: u64,
+        call: Option<&CallId>,
+        user: Option<&UserId>,
+    ) -> Result<Vec<UsageRow>, StoreError>;
+    /// The due head of each receiver's queue that this node delivers (PostgreSQL: the receivers
+    /// whose delivery lock this node holds).
+    fn due_webhooks_per_url(
+        &mut self,
+        urls: &[String],
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError>;
+    fn due_webhooks(&mut self, now: u64, limit: usize) -> Result<Vec<OutboxRow>, StoreError>;
+    fn webhook_delivered(&mut self, seq: i64) -> Result<(), StoreError>;
+    fn webhook_retry(
+        &mut self,
+        seq: i64,
+        next_attempt_ms: u64,
+        attempts: u32,
+        refusals: u32,
+    ) -> Result<(), StoreError>;
+    #[allow(clippy::too_many_arguments)]
+    fn webhook_dead(
+        &mut self,
+        seq: i64,
+        attempts: u32,
+        refusals: u32,
+        reason: &str,
+        now_ms: u64,
+        keep: i64,
+    ) -> Result<bool, StoreError>;
+    fn dead_webhooks(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+    fn dead_webhook_count(&mut self) -> Result<u64, StoreError>;
+    fn drop_unconfigured_webhooks(&mut self, urls: &[String]) -> Result<usize, StoreError>;
+    fn webhook_backlog(&mut self) -> Result<u64, StoreError>;
+    fn schema_version(&mut self) -> Result<u32, StoreError>;
+    /// How long one attempt waits for a lock another connection holds.
+    fn set_lock_timeout(&mut self, d: std::time::Duration);
+    /// The database file, for the checkpointer (SQLite on disk only).
+    fn file(&self) -> Option<std::path::PathBuf>;
+    /// Folds the write-ahead log into the database (SQLite, at shutdown).
+    fn checkpoint(&mut self) -> Result<(), StoreError>;
+}
+
+/// The store.
 pub struct Store {
-    conn: Connection,
+    db: Box<dyn Backend>,
     /// The last record written of each started call, with its row ID.
     written: HashMap<CallId, (i64, CallRecord)>,
     /// Webhook receivers: each queued event gets one outbox row per URL.
     webhook_urls: Vec<String>,
     /// Dead letters kept ([`MAX_DEAD_LETTERS`]; smaller in tests).
     max_dead: i64,
+    /// This node's name: the calls it writes are its own, and only those are restored at start.
+    node: String,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Store")
+        write!(f, "Store({})", self.db.kind())
     }
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the SQLite database at `path`, migrating its schema.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
-                path: dir.display().to_string(),
-                source,
-            })?;
+        Ok(Self::with(Box::new(sqlite::Sqlite::open(path)?)))
+    }
+
+    /// Connects to the PostgreSQL database at `url` (`postgres://user:pass@host:port/db` or
+    /// `host=... dbname=...`), migrating its schema. Fails if it cannot be reached now.
+    pub fn open_postgres(url: &str) -> Result<Self, StoreError> {
+        let config: ::postgres::Config = url.parse().map_err(|e: ::postgres::Error| {
+            StoreError::Url(format!("not a PostgreSQL connection string: {e}"))
+        })?;
+        Self::open_postgres_config(config)
+    }
+
+    /// [`open_postgres`](Self::open_postgres) with a parsed configuration.
+    pub fn open_postgres_config(config: ::postgres::Config) -> Result<Self, StoreError> {
+        Ok(Self::with(Box::new(postgres::Postgres::open(config)?)))
+    }
+
+    /// Opens what `[storage]` names: PostgreSQL when `url` is set, else the SQLite file at `path`.
+    pub fn connect(config: &crate::config::StorageConfig) -> Result<Self, StoreError> {
+        match backend_of(&config.url)? {
+            Kind::Sqlite => Self::open(&config.path),
+            Kind::Postgres => Self::open_postgres(&config.url),
         }
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // No checkpoint inside a commit: the checkpointer thread does it (see `StoreThread`).
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        // When the WAL starts over, give back the disk a burst grew it to beyond 64 MiB.
-        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        migrate_outbox(&conn)?;
-        conn.execute_batch(SCHEMA)?;
-        conn.set_prepared_statement_cache_capacity(64);
-        Ok(Self {
-            conn,
+    }
+
+    fn with(db: Box<dyn Backend>) -> Self {
+        Self {
+            db,
             written: HashMap::new(),
             webhook_urls: Vec::new(),
             max_dead: MAX_DEAD_LETTERS,
-        })
+            node: String::new(),
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        self.db.kind()
+    }
+
+    /// Names this node (see [`started_calls`](Self::started_calls)).
+    pub fn set_node(&mut self, node: impl Into<String>) {
+        self.node = node.into();
+    }
+
+    /// The schema version of the database.
+    pub fn schema_version(&mut self) -> Result<u32, StoreError> {
+        self.db.schema_version()
+    }
+
+    /// The newest schema version this build knows for its backend.
+    pub fn known_schema_version(&self) -> u32 {
+        match self.db.kind() {
+            "postgres" => postgres::MIGRATIONS.len() as u32,
+            _ => sqlite::MIGRATIONS.len() as u32,
+        }
     }
 
     /// Writes calls (insert or update) in one transaction. Only what changed since this store last
@@ -270,127 +346,94 @@ impl Store {
         usage: &[UsageRecord],
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        if !events.is_empty() && !self.webhook_urls.is_empty() {
-            enqueue(&tx, events, &self.webhook_urls, now_ms)?;
-        }
-        insert_usage(&tx, usage)?;
-        let mut written: Vec<(CallId, i64, &'a CallRecord)> = Vec::new();
-        {
-            let mut upsert_call = tx.prepare_cached(
-                "INSERT INTO calls (call_id, caller, mode, state, extended_data, timeout_secs, \
-                 create_time, end_time, end_reason) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9) \
-                 ON CONFLICT(call_id) DO UPDATE SET state=excluded.state, end_time=excluded.end_time, \
-                 end_reason=excluded.end_reason RETURNING seq",
-            )?;
-            let mut upsert_user = tx.prepare_cached(
-                "INSERT INTO call_users (call_seq, idx, user_id, state, extended_data, inviter, \
-                 invite_extended_data, invite_time, deadline, accept_time, leave_time) \
-                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11) \
-                 ON CONFLICT(call_seq, user_id) DO UPDATE SET state=excluded.state, \
-                 extended_data=excluded.extended_data, inviter=excluded.inviter, \
-                 invite_extended_data=excluded.invite_extended_data, invite_time=excluded.invite_time, \
-                 deadline=excluded.deadline, accept_time=excluded.accept_time, \
-                 leave_time=excluded.leave_time",
-            )?;
-            for c in calls {
-                let before = self.written.get(&c.call_id);
-                if before.is_some_and(|(_, b)| b == c) {
-                    continue;
+        self.write(calls, events, usage, now_ms).map(|_| ())
+    }
+
+    fn write<'a>(
+        &mut self,
+        calls: impl IntoIterator<Item = &'a CallRecord>,
+        events: &[OutboxEvent],
+        usage: &[UsageRecord],
+        now_ms: u64,
+    ) -> Result<usize, StoreError> {
+        // The last record of a call wins (one upsert may not touch a row twice).
+        let mut order: Vec<&'a CallRecord> = Vec::new();
+        let mut at: HashMap<&CallId, usize> = HashMap::new();
+        for c in calls {
+            match at.get(&c.call_id) {
+                Some(&i) => order[i] = c,
+                None => {
+                    at.insert(&c.call_id, order.len());
+                    order.push(c);
                 }
-                let call_row_changed = before.is_none_or(|(_, b)| {
-                    b.state != c.state || b.end_time != c.end_time || b.end_reason != c.end_reason
-                });
-                let seq: i64 = match before {
-                    Some((seq, _)) if !call_row_changed => *seq,
-                    _ => upsert_call.query_row(
-                        params![
-                            c.call_id.as_str(),
-                            c.caller.as_str(),
-                            c.mode.as_str(),
-                            c.state.as_str(),
-                            c.extended_data,
-                            c.timeout_secs,
-                            c.create_time as i64,
-                            c.end_time as i64,
-                            c.end_reason.map(EndReason::as_str),
-                        ],
-                        |r| r.get(0),
-                    )?,
-                };
-                for (i, u) in c.users.iter().enumerate() {
-                    if before.is_some_and(|(_, b)| b.users.get(i) == Some(u)) {
-                        continue;
-                    }
-                    upsert_user.execute(params![
-                        seq,
-                        i as i64,
-                        u.user_id.as_str(),
-                        u.state.as_str(),
-                        u.extended_data,
-                        u.inviter.as_str(),
-                        u.invite_extended_data,
-                        u.invite_time as i64,
-                        u.deadline as i64,
-                        u.accept_time as i64,
-                        u.leave_time as i64,
-                    ])?;
-                }
-                written.push((c.call_id.clone(), seq, c));
             }
         }
-        tx.commit()?;
+        let mut writes = Vec::new();
+        for c in order {
+            let before = self.written.get(&c.call_id);
+            if before.is_some_and(|(_, b)| b == c) {
+                continue;
+            }
+            let row_changed = before.is_none_or(|(_, b)| {
+                b.state != c.state || b.end_time != c.end_time || b.end_reason != c.end_reason
+            });
+            let users = (0..c.users.len())
+                .filter(|&i| !before.is_some_and(|(_, b)| b.users.get(i) == c.users.get(i)))
+                .collect();
+            writes.push(CallWrite {
+                rec: c,
+                seq: before.filter(|_| !row_changed).map(|(seq, _)| *seq),
+                users,
+            });
+        }
+        let urls: &[String] = if events.is_empty() {
+            &[]
+        } else {
+            &self.webhook_urls
+        };
+        let batch = Batch {
+            calls: writes,
+            events,
+            urls,
+            usage,
+            now_ms,
+            node: &self.node,
+        };
+        let (seqs, n) = self.db.write_batch(&batch)?;
         // Remember only after the commit, so a failed transaction is retried in full.
-        for (id, seq, c) in written {
+        let done: Vec<(i64, CallRecord)> = batch
+            .calls
+            .iter()
+            .zip(seqs)
+            .map(|(w, seq)| (seq, w.rec.clone()))
+            .collect();
+        for (seq, c) in done {
             if c.state == CallState::Started {
-                self.written.insert(id, (seq, c.clone()));
+                self.written.insert(c.call_id.clone(), (seq, c));
             } else {
-                self.written.remove(&id);
+                self.written.remove(&c.call_id);
             }
         }
-        Ok(())
+        Ok(n)
     }
 
     /// Deletes up to `limit` calls that ended before `before_ms`, oldest first, with their users
     /// (history retention). Calls in progress are never deleted, whatever their age; the billing
     /// ledger and the webhook outbox are not touched. Returns how many calls were deleted.
     pub fn prune_history(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction()?;
-        let seqs: Vec<i64> = {
-            let mut old = tx.prepare_cached(OLD_ENDED_CALLS)?;
-            old.query_map(params![before_ms as i64, limit as i64], |r| r.get(0))?
-                .collect::<Result<_, _>>()?
-        };
-        {
-            let mut users = tx.prepare_cached("DELETE FROM call_users WHERE call_seq = ?1")?;
-            let mut calls = tx.prepare_cached("DELETE FROM calls WHERE seq = ?1")?;
-            for seq in &seqs {
-                users.execute([seq])?;
-                calls.execute([seq])?;
-            }
-        }
-        tx.commit()?;
-        Ok(seqs.len())
+        self.db.prune_history(before_ms, limit)
     }
 
-    /// Every started call, for the core to restore after a restart. They are remembered as
-    /// committed (see [`committed`](Self::committed)).
+    /// Every started call this node runs, for the core to restore after a restart. They are
+    /// remembered as committed (see [`committed`](Self::committed)).
     pub fn started_calls(&mut self) -> Result<Vec<CallRecord>, StoreError> {
-        let calls = self.calls_where("state = 'started'", [], usize::MAX)?;
-        for c in &calls {
-            if let Some(seq) = self.seq_of(&c.call_id)? {
-                self.written.insert(c.call_id.clone(), (seq, c.clone()));
-            }
+        let rows = self.db.started_calls(&self.node)?;
+        let mut calls = Vec::with_capacity(rows.len());
+        for (seq, c) in rows {
+            self.written.insert(c.call_id.clone(), (seq, c.clone()));
+            calls.push(c);
         }
         Ok(calls)
-    }
-
-    fn seq_of(&self, id: &CallId) -> Result<Option<i64>, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT seq FROM calls WHERE call_id = ?1")?
-            .query_row([id.as_str()], |r| r.get(0))
-            .optional()?)
     }
 
     /// The last committed record of a started call (`None` for a call never committed, or whose
@@ -401,45 +444,22 @@ impl Store {
 
     /// A small write that tells whether writes work (while storage is failing).
     pub fn probe(&mut self, now_ms: u64) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO meta (key, value) VALUES ('probe', ?1) \
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            )?
-            .execute([now_ms.to_string()])?;
-        Ok(())
+        self.db.probe(now_ms)
     }
 
     /// One call by ID.
-    pub fn call(&self, id: &CallId) -> Result<Option<CallRecord>, StoreError> {
-        Ok(self
-            .calls_where("call_id = ?1", [id.as_str()], 1)?
-            .into_iter()
-            .next())
+    pub fn call(&mut self, id: &CallId) -> Result<Option<CallRecord>, StoreError> {
+        self.db.call(id)
     }
 
     /// Calls for the admin API, newest first.
-    pub fn list_calls(&self, f: &CallFilter) -> Result<Vec<CallRecord>, StoreError> {
-        let limit = f.limit.clamp(1, 1000);
-        match (&f.state, &f.user_id) {
-            (Some(s), Some(u)) => self.calls_where(
-                "state = ?1 AND seq IN (SELECT call_seq FROM call_users WHERE user_id = ?2)",
-                [s.as_str(), u.as_str()],
-                limit,
-            ),
-            (Some(s), None) => self.calls_where("state = ?1", [s.as_str()], limit),
-            (None, Some(u)) => self.calls_where(
-                "seq IN (SELECT call_seq FROM call_users WHERE user_id = ?1)",
-                [u.as_str()],
-                limit,
-            ),
-            (None, None) => self.calls_where("1", [], limit),
-        }
+    pub fn list_calls(&mut self, f: &CallFilter) -> Result<Vec<CallRecord>, StoreError> {
+        self.db.list_calls(f, f.limit.clamp(1, 1000))
     }
 
     /// A user's calls, newest first, `count` at a time. `next_flag` 0 starts at the newest.
     pub fn user_calls(
-        &self,
+        &mut self,
         user: &UserId,
         count: usize,
         next_flag: u64,
@@ -449,24 +469,12 @@ impl Store {
         } else {
             i64::try_from(next_flag).unwrap_or(i64::MAX)
         };
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT call_seq FROM call_users WHERE user_id = ?1 AND call_seq < ?2 \
-             ORDER BY call_seq DESC LIMIT ?3",
-        )?;
-        let seqs: Vec<i64> = stmt
-            .query_map(params![user.as_str(), before, (count + 1) as i64], |r| {
-                r.get(0)
-            })?
-            .collect::<Result<_, _>>()?;
+        let seqs = self.db.user_call_seqs(user, before, count + 1)?;
         let more = seqs.len() > count;
         let page: Vec<i64> = seqs.into_iter().take(count).collect();
         let mut calls = Vec::with_capacity(page.len());
         for seq in &page {
-            if let Some(c) = self
-                .calls_where("seq = ?1", [seq.to_string()], 1)?
-                .into_iter()
-                .next()
-            {
+            if let Some(c) = self.db.call_by_seq(*seq)? {
                 calls.push(c);
             }
         }
@@ -478,108 +486,6 @@ impl Store {
         Ok(CallPage { calls, next_flag })
     }
 
-    fn calls_where<P: rusqlite::Params>(
-        &self,
-        cond: &str,
-        p: P,
-        limit: usize,
-    ) -> Result<Vec<CallRecord>, StoreError> {
-        let sql = format!(
-            "SELECT seq, call_id, caller, mode, state, extended_data, timeout_secs, create_time, \
-             end_time, end_reason FROM calls WHERE {cond} ORDER BY seq DESC LIMIT {}",
-            limit.min(i64::MAX as usize)
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows: Vec<(i64, CallRecord)> = stmt
-            .query_map(p, |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    (
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, u32>(6)?,
-                        r.get::<_, i64>(7)?,
-                        r.get::<_, i64>(8)?,
-                        r.get::<_, Option<String>>(9)?,
-                    ),
-                ))
-            })?
-            .map(|row| {
-                let (seq, (id, caller, mode, state, ext, timeout, create, end, reason)) = row?;
-                let rec = CallRecord {
-                    call_id: parse_id(&id)?,
-                    caller: parse_id(&caller)?,
-                    mode: match mode.as_str() {
-                        "general" => Mode::General,
-                        "advanced" => Mode::Advanced,
-                        m => return Err(StoreError::Corrupt(format!("mode {m}"))),
-                    },
-                    state: match state.as_str() {
-                        "started" => CallState::Started,
-                        "ended" => CallState::Ended,
-                        s => return Err(StoreError::Corrupt(format!("call state {s}"))),
-                    },
-                    extended_data: ext,
-                    timeout_secs: timeout,
-                    create_time: create as u64,
-                    end_time: end as u64,
-                    end_reason: match reason {
-                        None => None,
-                        Some(r) => Some(
-                            EndReason::parse(&r)
-                                .ok_or_else(|| StoreError::Corrupt(format!("reason {r}")))?,
-                        ),
-                    },
-                    users: Vec::new(),
-                };
-                Ok((seq, rec))
-            })
-            .collect::<Result<_, StoreError>>()?;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut users_stmt = self.conn.prepare_cached(
-            "SELECT user_id, state, extended_data, inviter, invite_extended_data, invite_time, \
-             deadline, accept_time, leave_time FROM call_users WHERE call_seq = ?1 ORDER BY idx",
-        )?;
-        for (seq, mut rec) in rows {
-            let users = users_stmt
-                .query_map([seq], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, i64>(5)?,
-                        r.get::<_, i64>(6)?,
-                        r.get::<_, i64>(7)?,
-                        r.get::<_, i64>(8)?,
-                    ))
-                })?
-                .map(|row| {
-                    let (u, st, ext, inviter, iext, it, dl, at, lt) = row?;
-                    Ok(CallUserRecord {
-                        user_id: parse_id(&u)?,
-                        state: UserState::parse(&st)
-                            .ok_or_else(|| StoreError::Corrupt(format!("user state {st}")))?,
-                        extended_data: ext,
-                        inviter: parse_id(&inviter)?,
-                        invite_extended_data: iext,
-                        invite_time: it as u64,
-                        deadline: dl as u64,
-                        accept_time: at as u64,
-                        leave_time: lt as u64,
-                    })
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            rec.users = users;
-            out.push(rec);
-        }
-        Ok(out)
-    }
-
     /// Remembers a user's display name.
     pub fn remember_user(
         &mut self,
@@ -587,30 +493,12 @@ impl Store {
         name: Option<&str>,
         now: u64,
     ) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO users (user_id, name, last_seen) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT(user_id) DO UPDATE SET name = coalesce(excluded.name, name), \
-                 last_seen = excluded.last_seen",
-            )?
-            .execute(params![user.as_str(), name, now as i64])?;
-        Ok(())
+        self.db.remember_user(user, name, now)
     }
 
     /// The last known display names of these users.
-    pub fn user_names(&self, users: &[UserId]) -> Result<HashMap<UserId, String>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT name FROM users WHERE user_id = ?1")?;
-        let mut out = HashMap::new();
-        for u in users {
-            let name: Option<Option<String>> =
-                stmt.query_row([u.as_str()], |r| r.get(0)).optional()?;
-            if let Some(Some(n)) = name {
-                out.insert(u.clone(), n);
-            }
-        }
-        Ok(out)
+    pub fn user_names(&mut self, users: &[UserId]) -> Result<HashMap<UserId, String>, StoreError> {
+        self.db.user_names(users)
     }
 
     /// Writes ledger intervals; an interval already written (same call, user and start) is skipped.
@@ -625,60 +513,18 @@ impl Store {
         events: &[OutboxEvent],
         now_ms: u64,
     ) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction()?;
-        if !events.is_empty() && !self.webhook_urls.is_empty() {
-            enqueue(&tx, events, &self.webhook_urls, now_ms)?;
-        }
-        let n = insert_usage(&tx, rows)?;
-        tx.commit()?;
-        Ok(n)
+        self.write(std::iter::empty(), events, rows, now_ms)
     }
 
     /// Ledger intervals overlapping `[from_ms, to_ms)`, optionally for one call and/or user.
     pub fn usage(
-        &self,
+        &mut self,
         from_ms: u64,
         to_ms: u64,
         call: Option<&CallId>,
         user: Option<&UserId>,
     ) -> Result<Vec<UsageRow>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT call_id, user_id, tier, start_ms, end_ms FROM usage \
-             WHERE start_ms < ?2 AND end_ms > ?1 \
-             AND (?3 IS NULL OR call_id = ?3) AND (?4 IS NULL OR user_id = ?4) \
-             ORDER BY start_ms, call_id, user_id",
-        )?;
-        let rows = stmt
-            .query_map(
-                params![
-                    from_ms as i64,
-                    to_ms.min(i64::MAX as u64) as i64,
-                    call.map(CallId::as_str),
-                    user.map(UserId::as_str)
-                ],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
-                },
-            )?
-            .map(|row| {
-                let (c, u, tier, s, e) = row?;
-                Ok(UsageRow {
-                    call_id: parse_id(&c)?,
-                    user_id: parse_id(&u)?,
-                    tier,
-                    start_ms: s as u64,
-                    end_ms: e as u64,
-                    ms: (e - s).max(0) as u64,
-                })
-            })
-            .collect::<Result<_, StoreError>>()?;
-        Ok(rows)
+        self.db.usage(from_ms, to_ms, call, user)
     }
 
     /// Queues webhook events (one row per receiver) in their own transaction.
@@ -690,54 +536,30 @@ impl Store {
         if events.is_empty() || self.webhook_urls.is_empty() {
             return Ok(());
         }
-        let tx = self.conn.transaction()?;
-        enqueue(&tx, events, &self.webhook_urls, now_ms)?;
-        tx.commit()?;
-        Ok(())
+        self.write(std::iter::empty(), events, &[], now_ms)
+            .map(|_| ())
     }
 
     /// The oldest undelivered event of each receiver that is due at `now`, at most `limit` per
-    /// receiver, in queue order. An event not yet due holds back the receiver's later ones.
+    /// receiver, in queue order. An event not yet due holds back the receiver's later ones. On
+    /// PostgreSQL only the receivers this node holds the delivery lock of: one node delivers a
+    /// receiver's events at a time, in order.
     pub fn due_webhooks_per_url(
-        &self,
+        &mut self,
         now: u64,
         limit: usize,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        let mut out = Vec::new();
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {OUTBOX_COLUMNS} FROM webhook_outbox WHERE url = ?1 ORDER BY seq LIMIT ?2"
-        ))?;
-        for url in &self.webhook_urls {
-            let rows: Vec<OutboxRow> = stmt
-                .query_map(params![url, limit as i64], outbox_row)?
-                .collect::<Result<_, _>>()?;
-            for r in rows {
-                if r.next_attempt_ms > now {
-                    break;
-                }
-                out.push(r);
-            }
-        }
-        Ok(out)
+        self.db.due_webhooks_per_url(&self.webhook_urls, now, limit)
     }
 
-    /// Events due for delivery at `now`, oldest first.
-    pub fn due_webhooks(&self, now: u64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {OUTBOX_COLUMNS} FROM webhook_outbox WHERE next_attempt <= ?1 ORDER BY seq LIMIT ?2"
-        ))?;
-        let rows = stmt
-            .query_map(params![now as i64, limit as i64], outbox_row)?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+    /// Events due for delivery at `now`, oldest first (whichever node delivers them).
+    pub fn due_webhooks(&mut self, now: u64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        self.db.due_webhooks(now, limit)
     }
 
     /// Removes a delivered event.
     pub fn webhook_delivered(&mut self, seq: i64) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached("DELETE FROM webhook_outbox WHERE seq = ?1")?
-            .execute([seq])?;
-        Ok(())
+        self.db.webhook_delivered(seq)
     }
 
     /// Schedules another attempt, with the counts after the one that failed.
@@ -748,13 +570,8 @@ impl Store {
         attempts: u32,
         refusals: u32,
     ) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached(
-                "UPDATE webhook_outbox SET attempts = ?3, refusals = ?4, next_attempt = ?2 \
-                 WHERE seq = ?1",
-            )?
-            .execute(params![seq, next_attempt_ms as i64, attempts, refusals])?;
-        Ok(())
+        self.db
+            .webhook_retry(seq, next_attempt_ms, attempts, refusals)
     }
 
     /// Moves an event to the dead letters (counting the attempt that just failed, if any), in one
@@ -767,187 +584,323 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction()?;
-        let moved = tx
-            .prepare_cached(
-                "INSERT INTO webhook_dead \
-                 (event_id, url, body, attempts, refusals, created_at, dead_at, reason) \
-                 SELECT event_id, url, body, ?2, ?3, created_at, ?4, ?5 FROM webhook_outbox \
-                 WHERE seq = ?1",
-            )?
-            .execute(params![seq, attempts, refusals, now_ms as i64, reason])?;
-        tx.prepare_cached("DELETE FROM webhook_outbox WHERE seq = ?1")?
-            .execute([seq])?;
-        tx.prepare_cached(
-            "DELETE FROM webhook_dead WHERE seq <= (SELECT max(seq) FROM webhook_dead) - ?1",
-        )?
-        .execute([self.max_dead])?;
-        tx.commit()?;
-        Ok(moved == 1)
+        self.db
+            .webhook_dead(seq, attempts, refusals, reason, now_ms, self.max_dead)
     }
 
     /// The newest dead letters, newest first.
-    pub fn dead_webhooks(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, event_id, url, body, attempts, refusals, created_at, dead_at, reason \
-             FROM webhook_dead ORDER BY seq DESC LIMIT ?1",
-        )?;
-        let rows = stmt
-            .query_map([limit as i64], |r| {
-                Ok(DeadLetter {
-                    seq: r.get(0)?,
-                    event_id: r.get(1)?,
-                    url: r.get(2)?,
-                    body: r.get(3)?,
-                    attempts: r.get(4)?,
-                    refusals: r.get(5)?,
-                    created_at: r.get::<_, i64>(6)? as u64,
-                    dead_at: r.get::<_, i64>(7)? as u64,
-                    reason: r.get(8)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+    pub fn dead_webhooks(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.db.dead_webhooks(limit)
     }
 
     /// Dead letters kept.
-    pub fn dead_webhook_count(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT count(*) FROM webhook_dead", [], |r| {
-                r.get::<_, i64>(0)
-            })? as u64)
+    pub fn dead_webhook_count(&mut self) -> Result<u64, StoreError> {
+        self.db.dead_webhook_count()
     }
 
     /// Deletes outbox rows for receivers no longer in [`set_webhook_urls`](Self::set_webhook_urls)
     /// (nobody would ever deliver them). Returns how many.
     pub fn drop_unconfigured_webhooks(&mut self) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction()?;
-        tx.execute_batch("CREATE TEMP TABLE IF NOT EXISTS configured_urls (url TEXT PRIMARY KEY); DELETE FROM configured_urls;")?;
-        for url in &self.webhook_urls {
-            tx.execute(
-                "INSERT OR IGNORE INTO configured_urls (url) VALUES (?1)",
-                [url],
-            )?;
-        }
-        let n = tx.execute(
-            "DELETE FROM webhook_outbox WHERE url NOT IN (SELECT url FROM configured_urls)",
-            [],
-        )?;
-        tx.commit()?;
-        Ok(n)
+        self.db.drop_unconfigured_webhooks(&self.webhook_urls)
     }
 
     /// Events waiting in the outbox.
-    pub fn webhook_backlog(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT count(*) FROM webhook_outbox", [], |r| {
-                r.get::<_, i64>(0)
-            })? as u64)
+    pub fn webhook_backlog(&mut self) -> Result<u64, StoreError> {
+        self.db.webhook_backlog()
     }
 
-    /// The database file, when it is one (not in memory).
+    pub(crate) fn set_lock_timeout(&mut self, d: std::time::Duration) {
+        self.db.set_lock_timeout(d);
+    }
+
+    /// The database file, when it is one (SQLite, not in memory).
     fn path(&self) -> Option<std::path::PathBuf> {
-        self.conn
-            .path()
-            .filter(|p| !p.is_empty())
-            .map(std::path::PathBuf::from)
+        self.db.file()
     }
 
-    /// Checkpoints the WAL into the main file (at shutdown).
-    pub fn checkpoint(&self) -> Result<(), StoreError> {
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-        Ok(())
+    /// Checkpoints the WAL into the main file (SQLite, at shutdown).
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.db.checkpoint()
     }
 }
 
-/// Databases made before dead letters: their outbox gains `refusals` and `created_at` (taken as the
-/// row's next attempt, the closest time it knows).
-fn migrate_outbox(conn: &Connection) -> Result<(), StoreError> {
-    let has_table: i64 = conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'webhook_outbox'",
-        [],
-        |r| r.get(0),
-    )?;
-    let has_column: i64 = conn.query_row(
-        "SELECT count(*) FROM pragma_table_info('webhook_outbox') WHERE name = 'refusals'",
-        [],
-        |r| r.get(0),
-    )?;
-    if has_table == 1 && has_column == 0 {
-        conn.execute_batch(
-            "BEGIN;
-             ALTER TABLE webhook_outbox ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0;
-             ALTER TABLE webhook_outbox ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
-             UPDATE webhook_outbox SET created_at = next_attempt;
-             COMMIT;",
-        )?;
+/// Which backend a `[storage] url` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// No URL: the SQLite file at `[storage] path`.
+    Sqlite,
+    /// `postgres://`, `postgresql://` or a `key=value` connection string.
+    Postgres,
+}
+
+/// The backend `url` names (empty: SQLite), or why it names none.
+pub fn backend_of(url: &str) -> Result<Kind, StoreError> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Ok(Kind::Sqlite);
+    }
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("postgres://") || lower.starts_with("postgresql://") || url.contains('=') {
+        url.parse::<::postgres::Config>()
+            .map_err(|e| StoreError::Url(format!("not a PostgreSQL connection string: {e}")))?;
+        return Ok(Kind::Postgres);
+    }
+    Err(StoreError::Url(format!(
+        "{:?} is not a postgres:// URL (leave it empty for the SQLite file at storage.path)",
+        url.split(':').next().unwrap_or_default()
+    )))
+}
+
+fn check_version(found: u32, known: usize) -> Result<(), StoreError> {
+    let known = known as u32;
+    if found > known {
+        return Err(StoreError::SchemaTooNew { found, known });
     }
     Ok(())
 }
 
-fn outbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
-    Ok(OutboxRow {
-        seq: r.get(0)?,
-        event_id: r.get(1)?,
-        url: r.get(2)?,
-        body: r.get(3)?,
-        attempts: r.get(4)?,
-        next_attempt_ms: r.get::<_, i64>(5)? as u64,
-        refusals: r.get(6)?,
-        created_ms: r.get::<_, i64>(7)? as u64,
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A `calls` row as both backends read it.
+struct RawCall {
+    seq: i64,
+    call_id: String,
+    caller: String,
+    mode: String,
+    state: String,
+    extended_data: String,
+    timeout_secs: i64,
+    create_time: i64,
+    end_time: i64,
+    end_reason: Option<String>,
+}
+
+/// A `call_users` row as both backends read it.
+struct RawUser {
+    user_id: String,
+    state: String,
+    extended_data: String,
+    inviter: String,
+    invite_extended_data: String,
+    invite_time: i64,
+    deadline: i64,
+    accept_time: i64,
+    leave_time: i64,
+}
+
+fn decode_call(r: RawCall) -> Result<(i64, CallRecord), StoreError> {
+    let rec = CallRecord {
+        call_id: parse_id(&r.call_id)?,
+        caller: parse_id(&r.caller)?,
+        mode: match r.mode.as_str() {
+            "general" => Mode::General,
+            "advanced" => Mode::Advanced,
+            m => return Err(StoreError::Corrupt(format!("mode {m}"))),
+        },
+        state: match r.state.as_str() {
+            "started" => CallState::Started,
+            "ended" => CallState::Ended,
+            s => return Err(StoreError::Corrupt(format!("call state {s}"))),
+        },
+        extended_data: r.extended_data,
+        timeout_secs: u32::try_from(r.timeout_secs)
+            .map_err(|_| StoreError::Corrupt(format!("timeout {}", r.timeout_secs)))?,
+        create_time: r.create_time as u64,
+        end_time: r.end_time as u64,
+        end_reason: match r.end_reason {
+            None => None,
+            Some(x) => Some(
+                EndReason::parse(&x).ok_or_else(|| StoreError::Corrupt(format!("reason {x}")))?,
+            ),
+        },
+        users: Vec::new(),
+    };
+    Ok((r.seq, rec))
+}
+
+fn decode_user(r: RawUser) -> Result<CallUserRecord, StoreError> {
+    Ok(CallUserRecord {
+        user_id: parse_id(&r.user_id)?,
+        state: UserState::parse(&r.state)
+            .ok_or_else(|| StoreError::Corrupt(format!("user state {}", r.state)))?,
+        extended_data: r.extended_data,
+        inviter: parse_id(&r.inviter)?,
+        invite_extended_data: r.invite_extended_data,
+        invite_time: r.invite_time as u64,
+        deadline: r.deadline as u64,
+        accept_time: r.accept_time as u64,
+        leave_time: r.leave_time as u64,
     })
 }
 
-const OUTBOX_COLUMNS: &str =
-    "seq, event_id, url, body, attempts, next_attempt, refusals, created_at";
-
-fn enqueue(
-    tx: &rusqlite::Transaction<'_>,
-    events: &[OutboxEvent],
-    urls: &[String],
-    now_ms: u64,
-) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare_cached(
-        "INSERT OR IGNORE INTO webhook_outbox (event_id, url, body, next_attempt, created_at) \
-         VALUES (?1,?2,?3,?4,?4)",
-    )?;
-    for e in events {
-        for url in urls {
-            stmt.execute(params![e.id, url, e.body, now_ms as i64])?;
-        }
-    }
-    Ok(())
+fn usage_row(c: &str, u: &str, tier: String, s: i64, e: i64) -> Result<UsageRow, StoreError> {
+    Ok(UsageRow {
+        call_id: parse_id(c)?,
+        user_id: parse_id(u)?,
+        tier,
+        start_ms: s as u64,
+        end_ms: e as u64,
+        ms: (e - s).max(0) as u64,
+    })
 }
 
-/// Writes ledger segments; one already written (same call, user and start) is skipped, so a
-/// segment retried after a failure is never billed twice. Returns how many were new.
-fn insert_usage(tx: &rusqlite::Transaction<'_>, rows: &[UsageRecord]) -> Result<usize, StoreError> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
-    let mut stmt = tx.prepare_cached(
-        "INSERT OR IGNORE INTO usage (call_id, user_id, start_ms, end_ms, tier) \
-         VALUES (?1,?2,?3,?4,?5)",
-    )?;
-    let mut n = 0;
+/// Appends a receiver's queue head up to its first row not yet due.
+fn take_due(out: &mut Vec<OutboxRow>, rows: Vec<OutboxRow>, now: u64) {
     for r in rows {
-        n += stmt.execute(params![
-            r.call_id.as_str(),
-            r.user_id.as_str(),
-            r.start_ms as i64,
-            r.end_ms as i64,
-            r.tier
-        ])?;
+        if r.next_attempt_ms > now {
+            break;
+        }
+        out.push(r);
     }
-    Ok(n)
 }
 
 fn parse_id<T: std::str::FromStr>(s: &str) -> Result<T, StoreError> {
     s.parse()
         .map_err(|_| StoreError::Corrupt(format!("id {s:?}")))
+}
+
+/// Databases for the storage tests: a test given one by [`each`](testdb::each) runs on SQLite and,
+/// when the test command started a PostgreSQL server (`SWITCHBOARD_TEST_POSTGRES`, a connection
+/// string), on PostgreSQL too, each in a schema of its own. Under CI, PostgreSQL is required.
+#[cfg(test)]
+pub(crate) mod testdb {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use postgres::NoTls;
+
+    use super::{Store, StoreError};
+
+    /// The connection string of the test server (an admin role that may create schemas).
+    pub(crate) const ENV: &str = "SWITCHBOARD_TEST_POSTGRES";
+
+    /// A fresh, empty database.
+    #[derive(Clone)]
+    pub(crate) enum Db {
+        Sqlite(Arc<tempfile::TempDir>),
+        Postgres(Arc<Schema>),
+    }
+
+    /// A PostgreSQL schema made for one test, dropped after it.
+    pub(crate) struct Schema {
+        admin: String,
+        name: String,
+        config: postgres::Config,
+    }
+
+    impl Drop for Schema {
+        fn drop(&mut self) {
+            if let Ok(mut c) = postgres::Client::connect(&self.admin, NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+            }
+        }
+    }
+
+    /// Holds the write locks of the database as another process would, until dropped.
+    pub(crate) enum Locker {
+        Sqlite(#[allow(dead_code)] rusqlite::Connection),
+        Postgres(#[allow(dead_code)] postgres::Client),
+    }
+
+    impl Db {
+        pub(crate) fn try_open(&self) -> Result<Store, StoreError> {
+            match self {
+                Db::Sqlite(dir) => Store::open(&dir.path().join("sub/db.sqlite")),
+                Db::Postgres(s) => Store::open_postgres_config(s.config.clone()),
+            }
+        }
+
+        pub(crate) fn open(&self) -> Store {
+            self.try_open().expect("the test database opens")
+        }
+
+        /// Runs SQL on a connection of its own, as an operator or another program would.
+        pub(crate) fn exec(&self, sql: &str) {
+            match self {
+                Db::Sqlite(dir) => rusqlite::Connection::open(dir.path().join("sub/db.sqlite"))
+                    .expect("opens")
+                    .execute_batch(sql)
+                    .expect("runs"),
+                Db::Postgres(s) => {
+                    let mut c = s.config.connect(NoTls).expect("connects");
+                    c.batch_execute(sql).expect("runs");
+                }
+            }
+        }
+
+        pub(crate) fn lock(&self) -> Locker {
+            match self {
+                Db::Sqlite(dir) => {
+                    let c = rusqlite::Connection::open(dir.path().join("sub/db.sqlite"))
+                        .expect("opens");
+                    c.busy_timeout(std::time::Duration::from_secs(5))
+                        .expect("busy timeout");
+                    c.execute_batch("BEGIN EXCLUSIVE").expect("locks");
+                    Locker::Sqlite(c)
+                }
+                Db::Postgres(s) => {
+                    let mut c = s.config.connect(NoTls).expect("connects");
+                    c.batch_execute(
+                        "BEGIN; LOCK TABLE calls, call_users, usage, webhook_outbox, meta \
+                         IN ACCESS EXCLUSIVE MODE",
+                    )
+                    .expect("locks");
+                    Locker::Postgres(c)
+                }
+            }
+        }
+    }
+
+    /// The test server, if there is one; under CI there must be.
+    pub(crate) fn postgres_url() -> Option<String> {
+        match std::env::var(ENV) {
+            Ok(u) if !u.is_empty() => Some(u),
+            _ => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "{ENV} is not set: CI runs every storage test on PostgreSQL too (scripts/test starts one)"
+                );
+                None
+            }
+        }
+    }
+
+    /// A fresh schema on the test server.
+    pub(crate) fn postgres() -> Option<Db> {
+        let admin = postgres_url()?;
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut c = postgres::Client::connect(&admin, NoTls).expect("the test PostgreSQL answers");
+        c.batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+        ))
+        .expect("creates a schema");
+        let mut config: postgres::Config = admin.parse().expect("a connection string");
+        config.options(&format!("-c search_path={name}"));
+        Some(Db::Postgres(Arc::new(Schema {
+            admin,
+            name,
+            config,
+        })))
+    }
+
+    /// Runs `f` on a fresh SQLite database, then on a fresh PostgreSQL schema if there is a server.
+    pub(crate) fn each(f: impl Fn(&Db)) {
+        println!("backend: sqlite");
+        f(&Db::Sqlite(Arc::new(tempfile::tempdir().expect("tempdir"))));
+        if let Some(pg) = postgres() {
+            println!("backend: postgres");
+            f(&pg);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -992,218 +945,229 @@ mod tests {
         }
     }
 
-    fn open() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("sub/db.sqlite")).expect("opens");
-        (dir, store)
-    }
+    use testdb::each;
 
     #[test]
     fn calls_round_trip_and_update_in_place() {
-        let (_d, mut s) = open();
-        let mut c = record("c_1", "alice", &["bob", "carol"], 100);
-        s.write_calls([&c]).expect("writes");
-        assert_eq!(s.call(&c.call_id).expect("reads"), Some(c.clone()));
-        c.users[1].state = UserState::Accepted;
-        c.state = CallState::Ended;
-        c.end_time = 200;
-        c.end_reason = Some(EndReason::Completed);
-        s.write_calls([&c]).expect("writes");
-        assert_eq!(s.call(&c.call_id).expect("reads"), Some(c.clone()));
-        assert!(s.started_calls().expect("reads").is_empty());
+        each(|db| {
+            let mut s = db.open();
+            let mut c = record("c_1", "alice", &["bob", "carol"], 100);
+            s.write_calls([&c]).expect("writes");
+            assert_eq!(s.call(&c.call_id).expect("reads"), Some(c.clone()));
+            c.users[1].state = UserState::Accepted;
+            c.state = CallState::Ended;
+            c.end_time = 200;
+            c.end_reason = Some(EndReason::Completed);
+            s.write_calls([&c]).expect("writes");
+            assert_eq!(s.call(&c.call_id).expect("reads"), Some(c.clone()));
+            assert!(s.started_calls().expect("reads").is_empty());
+        });
     }
 
     #[test]
     fn user_history_pages_newest_first_without_gaps_or_repeats() {
-        let (_d, mut s) = open();
-        let calls: Vec<CallRecord> = (0..25)
-            .map(|i| record(&format!("c_{i}"), "alice", &["bob"], i))
-            .collect();
-        for c in &calls {
-            s.write_calls([c]).expect("writes");
-        }
-        s.write_calls([&record("c_other", "carol", &["dave"], 99)])
-            .expect("writes");
-        let mut seen = Vec::new();
-        let mut flag = 0;
-        loop {
-            let page = s.user_calls(&uid("bob"), 10, flag).expect("reads");
-            seen.extend(page.calls.iter().map(|c| c.call_id.to_string()));
-            if page.next_flag == 0 {
-                break;
+        each(|db| {
+            let mut s = db.open();
+            let calls: Vec<CallRecord> = (0..25)
+                .map(|i| record(&format!("c_{i}"), "alice", &["bob"], i))
+                .collect();
+            for c in &calls {
+                s.write_calls([c]).expect("writes");
             }
-            flag = page.next_flag;
-        }
-        let want: Vec<String> = (0..25).rev().map(|i| format!("c_{i}")).collect();
-        assert_eq!(seen, want);
-        assert_eq!(
-            s.user_calls(&uid("alice"), 100, 0)
-                .expect("reads")
-                .calls
-                .len(),
-            25
-        );
-        assert!(
-            s.user_calls(&uid("zed"), 5, 0)
-                .expect("reads")
-                .calls
-                .is_empty()
-        );
+            s.write_calls([&record("c_other", "carol", &["dave"], 99)])
+                .expect("writes");
+            let mut seen = Vec::new();
+            let mut flag = 0;
+            loop {
+                let page = s.user_calls(&uid("bob"), 10, flag).expect("reads");
+                seen.extend(page.calls.iter().map(|c| c.call_id.to_string()));
+                if page.next_flag == 0 {
+                    break;
+                }
+                flag = page.next_flag;
+            }
+            let want: Vec<String> = (0..25).rev().map(|i| format!("c_{i}")).collect();
+            assert_eq!(seen, want);
+            assert_eq!(
+                s.user_calls(&uid("alice"), 100, 0)
+                    .expect("reads")
+                    .calls
+                    .len(),
+                25
+            );
+            assert!(
+                s.user_calls(&uid("zed"), 5, 0)
+                    .expect("reads")
+                    .calls
+                    .is_empty()
+            );
+        });
     }
 
     #[test]
     fn admin_filters_by_state_and_user() {
-        let (_d, mut s) = open();
-        let mut ended = record("c_e", "alice", &["bob"], 1);
-        ended.state = CallState::Ended;
-        ended.end_reason = Some(EndReason::Rejected);
-        s.write_calls([&ended, &record("c_s", "carol", &["bob"], 2)])
-            .expect("writes");
-        let f = |state, user: Option<&str>| CallFilter {
-            state,
-            user_id: user.map(uid),
-            limit: 10,
-        };
-        assert_eq!(s.list_calls(&f(None, None)).expect("reads").len(), 2);
-        let started = s
-            .list_calls(&f(Some(CallState::Started), None))
-            .expect("reads");
-        assert_eq!(started[0].call_id.as_str(), "c_s");
-        assert_eq!(
-            s.list_calls(&f(None, Some("alice"))).expect("reads").len(),
-            1
-        );
-        assert_eq!(
-            s.list_calls(&f(Some(CallState::Ended), Some("bob")))
-                .expect("reads")[0]
-                .call_id
-                .as_str(),
-            "c_e"
-        );
+        each(|db| {
+            let mut s = db.open();
+            let mut ended = record("c_e", "alice", &["bob"], 1);
+            ended.state = CallState::Ended;
+            ended.end_reason = Some(EndReason::Rejected);
+            s.write_calls([&ended, &record("c_s", "carol", &["bob"], 2)])
+                .expect("writes");
+            let f = |state, user: Option<&str>| CallFilter {
+                state,
+                user_id: user.map(uid),
+                limit: 10,
+            };
+            assert_eq!(s.list_calls(&f(None, None)).expect("reads").len(), 2);
+            let started = s
+                .list_calls(&f(Some(CallState::Started), None))
+                .expect("reads");
+            assert_eq!(started[0].call_id.as_str(), "c_s");
+            assert_eq!(
+                s.list_calls(&f(None, Some("alice"))).expect("reads").len(),
+                1
+            );
+            assert_eq!(
+                s.list_calls(&f(Some(CallState::Ended), Some("bob")))
+                    .expect("reads")[0]
+                    .call_id
+                    .as_str(),
+                "c_e"
+            );
+        });
     }
 
     #[test]
     fn usage_intervals_are_written_once() {
-        let (_d, mut s) = open();
-        let row = UsageRecord {
-            call_id: CallId::parse("c_1").expect("valid"),
-            user_id: uid("bob"),
-            tier: "hd".into(),
-            start_ms: 1000,
-            end_ms: 11_000,
-        };
-        assert_eq!(
-            s.write_usage(std::slice::from_ref(&row)).expect("writes"),
-            1
-        );
-        assert_eq!(
-            s.write_usage(std::slice::from_ref(&row)).expect("writes"),
-            0
-        );
-        assert_eq!(
-            s.usage(0, 2000, None, None).expect("reads"),
-            vec![UsageRow::from(&row)]
-        );
-        assert!(
-            s.usage(11_000, 20_000, None, None)
-                .expect("reads")
-                .is_empty()
-        );
-        assert!(
-            s.usage(0, 20_000, None, Some(&uid("x")))
-                .expect("reads")
-                .is_empty()
-        );
+        each(|db| {
+            let mut s = db.open();
+            let row = UsageRecord {
+                call_id: CallId::parse("c_1").expect("valid"),
+                user_id: uid("bob"),
+                tier: "hd".into(),
+                start_ms: 1000,
+                end_ms: 11_000,
+            };
+            assert_eq!(
+                s.write_usage(std::slice::from_ref(&row)).expect("writes"),
+                1
+            );
+            assert_eq!(
+                s.write_usage(std::slice::from_ref(&row)).expect("writes"),
+                0
+            );
+            assert_eq!(
+                s.usage(0, 2000, None, None).expect("reads"),
+                vec![UsageRow::from(&row)]
+            );
+            assert!(
+                s.usage(11_000, 20_000, None, None)
+                    .expect("reads")
+                    .is_empty()
+            );
+            assert!(
+                s.usage(0, 20_000, None, Some(&uid("x")))
+                    .expect("reads")
+                    .is_empty()
+            );
+        });
     }
 
     #[test]
     fn outbox_keeps_events_until_delivered() {
-        let (_d, mut s) = open();
-        s.set_webhook_urls(vec!["http://a".into()]);
-        let e1 = crate::webhooks::event("call_started", 10, serde_json::json!({}));
-        let e2 = crate::webhooks::event("call_ended", 10, serde_json::json!({}));
-        s.enqueue_webhooks(&[e1.clone(), e2], 10).expect("enqueues");
-        // The same event is queued once.
-        s.enqueue_webhooks(&[e1], 10).expect("enqueues");
-        let due = s.due_webhooks(10, 10).expect("reads");
-        assert_eq!(due.len(), 2);
-        s.webhook_retry(due[0].seq, 1000, 1, 1).expect("updates");
-        s.webhook_delivered(due[1].seq).expect("deletes");
-        assert!(s.due_webhooks(999, 10).expect("reads").is_empty());
-        let again = s.due_webhooks(1000, 10).expect("reads");
-        assert_eq!(again[0].attempts, 1);
-        assert_eq!(s.webhook_backlog().expect("counts"), 1);
+        each(|db| {
+            let mut s = db.open();
+            s.set_webhook_urls(vec!["http://a".into()]);
+            let e1 = crate::webhooks::event("call_started", 10, serde_json::json!({}));
+            let e2 = crate::webhooks::event("call_ended", 10, serde_json::json!({}));
+            s.enqueue_webhooks(&[e1.clone(), e2], 10).expect("enqueues");
+            // The same event is queued once.
+            s.enqueue_webhooks(&[e1], 10).expect("enqueues");
+            let due = s.due_webhooks(10, 10).expect("reads");
+            assert_eq!(due.len(), 2);
+            s.webhook_retry(due[0].seq, 1000, 1, 1).expect("updates");
+            s.webhook_delivered(due[1].seq).expect("deletes");
+            assert!(s.due_webhooks(999, 10).expect("reads").is_empty());
+            let again = s.due_webhooks(1000, 10).expect("reads");
+            assert_eq!(again[0].attempts, 1);
+            assert_eq!(s.webhook_backlog().expect("counts"), 1);
+        });
     }
 
     #[test]
     fn a_dead_letter_leaves_the_outbox_with_its_counts_and_the_newest_are_kept() {
-        let (_d, mut s) = open();
-        s.max_dead = 3;
-        s.set_webhook_urls(vec!["http://a".into()]);
-        let events: Vec<_> = (0..5)
-            .map(|i| crate::webhooks::event("call_started", i, serde_json::json!({ "n": i })))
-            .collect();
-        s.enqueue_webhooks(&events, 10).expect("enqueues");
-        let due = s.due_webhooks(10, 10).expect("reads");
-        assert_eq!(due.len(), 5);
-        assert!(
-            s.webhook_dead(due[0].seq, 4, 3, "max_attempts", 50)
-                .expect("moves")
-        );
-        // A row already gone is not moved twice.
-        assert!(
-            !s.webhook_dead(due[0].seq, 4, 3, "max_attempts", 50)
-                .expect("runs")
-        );
-        let dead = s.dead_webhooks(10).expect("reads");
-        assert_eq!(dead.len(), 1);
-        assert_eq!(
-            (
-                dead[0].attempts,
-                dead[0].refusals,
-                dead[0].created_at,
-                dead[0].dead_at
-            ),
-            (4, 3, 10, 50)
-        );
-        assert_eq!(dead[0].reason, "max_attempts");
-        assert_eq!(dead[0].event_id, due[0].event_id);
-        assert_eq!(s.webhook_backlog().expect("counts"), 4);
-        for r in &due[1..] {
-            s.webhook_dead(r.seq, 1, 0, "max_age", 60).expect("moves");
-        }
-        // Only the newest three are kept, newest first.
-        assert_eq!(s.dead_webhook_count().expect("counts"), 3);
-        let kept: Vec<String> = s
-            .dead_webhooks(10)
-            .expect("reads")
-            .into_iter()
-            .map(|d| d.event_id)
-            .collect();
-        let want: Vec<String> = due[2..].iter().rev().map(|r| r.event_id.clone()).collect();
-        assert_eq!(kept, want);
-        assert_eq!(s.webhook_backlog().expect("counts"), 0);
-        // The body serialises as the JSON delivered, not as a string.
-        let v = serde_json::to_value(&s.dead_webhooks(1).expect("reads")[0]).expect("serialises");
-        assert_eq!(v["body"]["event"], "call_started");
+        each(|db| {
+            let mut s = db.open();
+            s.max_dead = 3;
+            s.set_webhook_urls(vec!["http://a".into()]);
+            let events: Vec<_> = (0..5)
+                .map(|i| crate::webhooks::event("call_started", i, serde_json::json!({ "n": i })))
+                .collect();
+            s.enqueue_webhooks(&events, 10).expect("enqueues");
+            let due = s.due_webhooks(10, 10).expect("reads");
+            assert_eq!(due.len(), 5);
+            assert!(
+                s.webhook_dead(due[0].seq, 4, 3, "max_attempts", 50)
+                    .expect("moves")
+            );
+            // A row already gone is not moved twice.
+            assert!(
+                !s.webhook_dead(due[0].seq, 4, 3, "max_attempts", 50)
+                    .expect("runs")
+            );
+            let dead = s.dead_webhooks(10).expect("reads");
+            assert_eq!(dead.len(), 1);
+            assert_eq!(
+                (
+                    dead[0].attempts,
+                    dead[0].refusals,
+                    dead[0].created_at,
+                    dead[0].dead_at
+                ),
+                (4, 3, 10, 50)
+            );
+            assert_eq!(dead[0].reason, "max_attempts");
+            assert_eq!(dead[0].event_id, due[0].event_id);
+            assert_eq!(s.webhook_backlog().expect("counts"), 4);
+            for r in &due[1..] {
+                s.webhook_dead(r.seq, 1, 0, "max_age", 60).expect("moves");
+            }
+            // Only the newest three are kept, newest first.
+            assert_eq!(s.dead_webhook_count().expect("counts"), 3);
+            let kept: Vec<String> = s
+                .dead_webhooks(10)
+                .expect("reads")
+                .into_iter()
+                .map(|d| d.event_id)
+                .collect();
+            let want: Vec<String> = due[2..].iter().rev().map(|r| r.event_id.clone()).collect();
+            assert_eq!(kept, want);
+            assert_eq!(s.webhook_backlog().expect("counts"), 0);
+            // The body serialises as the JSON delivered, not as a string.
+            let v =
+                serde_json::to_value(&s.dead_webhooks(1).expect("reads")[0]).expect("serialises");
+            assert_eq!(v["body"]["event"], "call_started");
+        });
     }
 
     #[test]
     fn outbox_rows_of_receivers_taken_out_of_the_config_are_dropped() {
-        let (_d, mut s) = open();
-        s.set_webhook_urls(vec!["http://a".into(), "http://b".into()]);
-        let e = crate::webhooks::event("call_started", 1, serde_json::json!({}));
-        s.enqueue_webhooks(&[e], 10).expect("enqueues");
-        assert_eq!(s.webhook_backlog().expect("counts"), 2);
-        s.set_webhook_urls(vec!["http://b".into()]);
-        assert_eq!(s.drop_unconfigured_webhooks().expect("drops"), 1);
-        let left = s.due_webhooks(10, 10).expect("reads");
-        assert_eq!(left.len(), 1);
-        assert_eq!(left[0].url, "http://b");
-        // Nothing configured: everything goes.
-        s.set_webhook_urls(Vec::new());
-        assert_eq!(s.drop_unconfigured_webhooks().expect("drops"), 1);
-        assert_eq!(s.webhook_backlog().expect("counts"), 0);
+        each(|db| {
+            let mut s = db.open();
+            s.set_webhook_urls(vec!["http://a".into(), "http://b".into()]);
+            let e = crate::webhooks::event("call_started", 1, serde_json::json!({}));
+            s.enqueue_webhooks(&[e], 10).expect("enqueues");
+            assert_eq!(s.webhook_backlog().expect("counts"), 2);
+            s.set_webhook_urls(vec!["http://b".into()]);
+            assert_eq!(s.drop_unconfigured_webhooks().expect("drops"), 1);
+            let left = s.due_webhooks(10, 10).expect("reads");
+            assert_eq!(left.len(), 1);
+            assert_eq!(left[0].url, "http://b");
+            // Nothing configured: everything goes.
+            s.set_webhook_urls(Vec::new());
+            assert_eq!(s.drop_unconfigured_webhooks().expect("drops"), 1);
+            assert_eq!(s.webhook_backlog().expect("counts"), 0);
+        });
     }
 
     #[test]
@@ -1211,7 +1175,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("old.sqlite");
         {
-            let c = Connection::open(&path).expect("opens");
+            let c = rusqlite::Connection::open(&path).expect("opens");
             c.execute_batch(
                 "CREATE TABLE webhook_outbox (
                     seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL,
@@ -1238,48 +1202,39 @@ mod tests {
 
     #[test]
     fn the_thread_commits_before_continuations_run_in_order() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("db.sqlite");
-        let (t, handle) = StoreThread::spawn(Store::open(&path).expect("opens"));
-        let (tx, rx) = mpsc::channel();
-        for i in 0..50u64 {
-            let c = record(&format!("c_{i}"), "alice", &["bob"], i);
-            let tx = tx.clone();
-            let p = path.clone();
-            t.submit(Job::Calls(
-                vec![c],
-                Vec::new(),
-                Some(Box::new(move |stored| {
-                    assert_eq!(stored, Ok(()));
-                    // Another connection sees the row: it was committed before this ran.
-                    let other = Store::open(&p).expect("opens");
-                    let found = other
-                        .call(&CallId::parse(&format!("c_{i}")).expect("valid"))
-                        .expect("reads")
-                        .is_some();
-                    let _ = tx.send((i, found));
-                })),
-            ))
-            .expect("queued");
-        }
-        drop(t);
-        handle.join().expect("thread ends");
-        let got: Vec<(u64, bool)> = rx.try_iter().collect();
-        assert_eq!(got.len(), 50);
-        assert!(
-            got.iter()
-                .enumerate()
-                .all(|(i, (j, found))| *j == i as u64 && *found)
-        );
-    }
-
-    /// Holds the database's write lock from another connection, as another process would.
-    fn lock(path: &Path) -> rusqlite::Connection {
-        let c = rusqlite::Connection::open(path).expect("opens");
-        c.busy_timeout(std::time::Duration::from_secs(5))
-            .expect("busy timeout");
-        c.execute_batch("BEGIN EXCLUSIVE").expect("locks");
-        c
+        each(|db| {
+            let (t, handle) = StoreThread::spawn(db.open());
+            let (tx, rx) = mpsc::channel();
+            for i in 0..50u64 {
+                let c = record(&format!("c_{i}"), "alice", &["bob"], i);
+                let tx = tx.clone();
+                let db = db.clone();
+                t.submit(Job::Calls(
+                    vec![c],
+                    Vec::new(),
+                    Some(Box::new(move |stored| {
+                        assert_eq!(stored, Ok(()));
+                        // Another connection sees the row: it was committed before this ran.
+                        let mut other = db.open();
+                        let found = other
+                            .call(&CallId::parse(&format!("c_{i}")).expect("valid"))
+                            .expect("reads")
+                            .is_some();
+                        let _ = tx.send((i, found));
+                    })),
+                ))
+                .expect("queued");
+            }
+            drop(t);
+            handle.join().expect("thread ends");
+            let got: Vec<(u64, bool)> = rx.try_iter().collect();
+            assert_eq!(got.len(), 50);
+            assert!(
+                got.iter()
+                    .enumerate()
+                    .all(|(i, (j, found))| *j == i as u64 && *found)
+            );
+        });
     }
 
     struct Recorded(mpsc::Sender<Vec<(CallId, Option<CallRecord>)>>);
@@ -1306,134 +1261,127 @@ mod tests {
 
     #[test]
     fn a_write_to_a_locked_database_fails_after_the_timeout_and_is_restored() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("db.sqlite");
-        let (t, handle) = StoreThread::spawn_with(
-            Store::open(&path).expect("opens"),
-            std::time::Duration::from_millis(600),
-        );
-        let (restored_tx, restored) = mpsc::channel();
-        t.set_restorer(Box::new(Recorded(restored_tx)));
-        assert_eq!(outcome(&t, record("c_1", "alice", &["bob"], 1)), Ok(()));
+        each(|db| {
+            let (t, handle) =
+                StoreThread::spawn_with(db.open(), std::time::Duration::from_millis(600));
+            let (restored_tx, restored) = mpsc::channel();
+            t.set_restorer(Box::new(Recorded(restored_tx)));
+            assert_eq!(outcome(&t, record("c_1", "alice", &["bob"], 1)), Ok(()));
 
-        let locker = lock(&path);
-        let started = Instant::now();
-        let mut changed = record("c_1", "alice", &["bob"], 1);
-        changed.state = CallState::Ended;
-        let fresh = record("c_2", "alice", &["carol"], 2);
-        assert!(
-            outcome(&t, changed).is_err(),
-            "an unstored change is not ok"
-        );
-        assert!(
-            started.elapsed() >= std::time::Duration::from_millis(500),
-            "retried first"
-        );
-        assert!(!t.healthy());
-        // The core is told to put c_1 back as committed (started).
-        let back = restored
-            .recv_timeout(std::time::Duration::from_secs(1))
-            .expect("restore");
-        assert_eq!(back.len(), 1);
-        assert_eq!(back[0].0.as_str(), "c_1");
-        assert_eq!(
-            back[0].1.as_ref().map(|r| r.state),
-            Some(CallState::Started)
-        );
-        t.submit(Job::Restored(vec![back[0].0.clone()]))
-            .expect("queued");
-        // While down, a change fails at once, and a call never committed is to be forgotten.
-        let quick = Instant::now();
-        assert!(outcome(&t, fresh.clone()).is_err());
-        assert!(
-            quick.elapsed() < std::time::Duration::from_millis(400),
-            "fails fast while down"
-        );
-        let back = restored
-            .recv_timeout(std::time::Duration::from_secs(1))
-            .expect("restore");
-        assert_eq!(back[0].0.as_str(), "c_2");
-        assert!(back[0].1.is_none());
-        t.submit(Job::Restored(vec![back[0].0.clone()]))
-            .expect("queued");
-
-        drop(locker);
-        let deadline = Instant::now() + std::time::Duration::from_secs(5);
-        while !t.healthy() {
+            let locker = db.lock();
+            let started = Instant::now();
+            let mut changed = record("c_1", "alice", &["bob"], 1);
+            changed.state = CallState::Ended;
+            let fresh = record("c_2", "alice", &["carol"], 2);
             assert!(
-                Instant::now() < deadline,
-                "a probe write finds storage working again"
+                outcome(&t, changed).is_err(),
+                "an unstored change is not ok"
             );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert_eq!(outcome(&t, fresh), Ok(()));
-        drop(t);
-        handle.join().expect("thread ends");
-        let s = Store::open(&path).expect("opens");
-        let c1 = s
-            .call(&CallId::parse("c_1").expect("valid"))
-            .expect("reads");
-        assert_eq!(
-            c1.map(|c| c.state),
-            Some(CallState::Started),
-            "the failed end was not written"
-        );
-        assert!(
-            s.call(&CallId::parse("c_2").expect("valid"))
-                .expect("reads")
-                .is_some()
-        );
+            assert!(
+                started.elapsed() >= std::time::Duration::from_millis(500),
+                "retried first"
+            );
+            assert!(!t.healthy());
+            // The core is told to put c_1 back as committed (started).
+            let back = restored
+                .recv_timeout(std::time::Duration::from_secs(1))
+                .expect("restore");
+            assert_eq!(back.len(), 1);
+            assert_eq!(back[0].0.as_str(), "c_1");
+            assert_eq!(
+                back[0].1.as_ref().map(|r| r.state),
+                Some(CallState::Started)
+            );
+            t.submit(Job::Restored(vec![back[0].0.clone()]))
+                .expect("queued");
+            // While down, a change fails at once, and a call never committed is to be forgotten.
+            let quick = Instant::now();
+            assert!(outcome(&t, fresh.clone()).is_err());
+            assert!(
+                quick.elapsed() < std::time::Duration::from_millis(400),
+                "fails fast while down"
+            );
+            let back = restored
+                .recv_timeout(std::time::Duration::from_secs(1))
+                .expect("restore");
+            assert_eq!(back[0].0.as_str(), "c_2");
+            assert!(back[0].1.is_none());
+            t.submit(Job::Restored(vec![back[0].0.clone()]))
+                .expect("queued");
+
+            drop(locker);
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            while !t.healthy() {
+                assert!(
+                    Instant::now() < deadline,
+                    "a probe write finds storage working again"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            assert_eq!(outcome(&t, fresh), Ok(()));
+            drop(t);
+            handle.join().expect("thread ends");
+            let mut s = db.open();
+            let c1 = s
+                .call(&CallId::parse("c_1").expect("valid"))
+                .expect("reads");
+            assert_eq!(
+                c1.map(|c| c.state),
+                Some(CallState::Started),
+                "the failed end was not written"
+            );
+            assert!(
+                s.call(&CallId::parse("c_2").expect("valid"))
+                    .expect("reads")
+                    .is_some()
+            );
+        });
     }
 
     #[test]
     fn ledger_segments_written_while_locked_are_kept_and_stored_once_it_works() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("db.sqlite");
-        let (t, handle) = StoreThread::spawn_with(
-            Store::open(&path).expect("opens"),
-            std::time::Duration::from_millis(300),
-        );
-        let locker = lock(&path);
-        let seg = |s: u64, e: u64| UsageRecord {
-            call_id: CallId::parse("c_1").expect("valid"),
-            user_id: uid("bob"),
-            tier: "hd".into(),
-            start_ms: s,
-            end_ms: e,
-        };
-        // Checkpoints of one interval while the database is locked.
-        for i in 0..5 {
-            t.submit(Job::Usage(vec![seg(1000 * i, 1000 * (i + 1))], Vec::new()))
+        each(|db| {
+            let (t, handle) =
+                StoreThread::spawn_with(db.open(), std::time::Duration::from_millis(300));
+            let locker = db.lock();
+            let seg = |s: u64, e: u64| UsageRecord {
+                call_id: CallId::parse("c_1").expect("valid"),
+                user_id: uid("bob"),
+                tier: "hd".into(),
+                start_ms: s,
+                end_ms: e,
+            };
+            // Checkpoints of one interval while the database is locked.
+            for i in 0..5 {
+                t.submit(Job::Usage(vec![seg(1000 * i, 1000 * (i + 1))], Vec::new()))
+                    .expect("queued");
+            }
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            while t.healthy() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the failed write marks storage down"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            t.submit(Job::Usage(vec![seg(5000, 6000)], Vec::new()))
                 .expect("queued");
-        }
-        let deadline = Instant::now() + std::time::Duration::from_secs(5);
-        while t.healthy() {
-            assert!(
-                Instant::now() < deadline,
-                "the failed write marks storage down"
+            drop(locker);
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            while !t.healthy() {
+                assert!(Instant::now() < deadline, "storage recovers");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            drop(t);
+            handle.join().expect("thread ends");
+            let rows = db.open().usage(0, u64::MAX, None, None).expect("reads");
+            assert_eq!(
+                rows.iter().map(|r| r.ms).sum::<u64>(),
+                6000,
+                "no billed time lost"
             );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        t.submit(Job::Usage(vec![seg(5000, 6000)], Vec::new()))
-            .expect("queued");
-        drop(locker);
-        let deadline = Instant::now() + std::time::Duration::from_secs(5);
-        while !t.healthy() {
-            assert!(Instant::now() < deadline, "storage recovers");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        drop(t);
-        handle.join().expect("thread ends");
-        let rows = Store::open(&path)
-            .expect("opens")
-            .usage(0, u64::MAX, None, None)
-            .expect("reads");
-        assert_eq!(
-            rows.iter().map(|r| r.ms).sum::<u64>(),
-            6000,
-            "no billed time lost"
-        );
-        assert_eq!(rows.len(), 1, "contiguous segments were merged: {rows:?}");
+            assert_eq!(rows.len(), 1, "contiguous segments were merged: {rows:?}");
+        });
     }
 
     #[test]
@@ -1475,63 +1423,71 @@ mod tests {
 
     #[test]
     fn pruning_deletes_only_calls_that_ended_before_the_cutoff() {
-        let (_dir, mut s) = open();
-        let ended = |id: &str, end: u64| {
-            let mut c = record(id, "alice", &["bob"], end - 10);
-            c.state = CallState::Ended;
-            c.end_time = end;
-            c.end_reason = Some(EndReason::Ended);
-            c
-        };
-        let old_running = record("c_running", "alice", &["carol"], 5);
-        s.write_calls(&[
-            ended("c_old1", 100),
-            ended("c_old2", 200),
-            ended("c_old3", 300),
-            ended("c_new", 1_000),
-            old_running,
-        ])
-        .expect("writes");
-        s.write_usage(&[UsageRecord {
-            call_id: CallId::parse("c_old1").expect("valid"),
-            user_id: uid("bob"),
-            start_ms: 90,
-            end_ms: 100,
-            tier: "hd".into(),
-        }])
-        .expect("usage");
+        each(|db| {
+            let mut s = db.open();
+            let ended = |id: &str, end: u64| {
+                let mut c = record(id, "alice", &["bob"], end - 10);
+                c.state = CallState::Ended;
+                c.end_time = end;
+                c.end_reason = Some(EndReason::Ended);
+                c
+            };
+            let old_running = record("c_running", "alice", &["carol"], 5);
+            s.write_calls(&[
+                ended("c_old1", 100),
+                ended("c_old2", 200),
+                ended("c_old3", 300),
+                ended("c_new", 1_000),
+                old_running,
+            ])
+            .expect("writes");
+            s.write_usage(&[UsageRecord {
+                call_id: CallId::parse("c_old1").expect("valid"),
+                user_id: uid("bob"),
+                start_ms: 90,
+                end_ms: 100,
+                tier: "hd".into(),
+            }])
+            .expect("usage");
 
-        // At most `limit` at a time, oldest first.
-        assert_eq!(s.prune_history(500, 2).expect("prunes"), 2);
-        let id = |i: &str| CallId::parse(i).expect("valid");
-        assert!(s.call(&id("c_old1")).expect("reads").is_none());
-        assert!(s.call(&id("c_old2")).expect("reads").is_none());
-        assert!(s.call(&id("c_old3")).expect("reads").is_some());
-        assert_eq!(s.prune_history(500, 100).expect("prunes"), 1);
-        assert_eq!(s.prune_history(500, 100).expect("prunes"), 0);
+            // At most `limit` at a time, oldest first.
+            assert_eq!(s.prune_history(500, 2).expect("prunes"), 2);
+            let id = |i: &str| CallId::parse(i).expect("valid");
+            assert!(s.call(&id("c_old1")).expect("reads").is_none());
+            assert!(s.call(&id("c_old2")).expect("reads").is_none());
+            assert!(s.call(&id("c_old3")).expect("reads").is_some());
+            assert_eq!(s.prune_history(500, 100).expect("prunes"), 1);
+            assert_eq!(s.prune_history(500, 100).expect("prunes"), 0);
 
-        // Newer calls and calls in progress stay, whatever their age; so do their users.
-        let new = s.call(&id("c_new")).expect("reads").expect("kept");
-        assert_eq!(new.users.len(), 2);
-        let running = s.call(&id("c_running")).expect("reads").expect("kept");
-        assert_eq!(running.state, CallState::Started);
-        // The users of deleted calls are gone: bob's history holds only the call that is left.
-        let bob = s
-            .user_calls(&uid("bob"), 100, 0)
-            .expect("reads")
-            .calls
-            .into_iter()
-            .map(|c| c.call_id.as_str().to_owned())
-            .collect::<Vec<_>>();
-        assert_eq!(bob, vec!["c_new".to_owned()]);
-        // The billing ledger is not history: it stays.
-        assert_eq!(s.usage(0, u64::MAX, None, None).expect("reads").len(), 1);
-        // Finding old calls reads the index, not the whole history.
-        let plan: Vec<String> = s
-            .conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {OLD_ENDED_CALLS}"))
+            // Newer calls and calls in progress stay, whatever their age; so do their users.
+            let new = s.call(&id("c_new")).expect("reads").expect("kept");
+            assert_eq!(new.users.len(), 2);
+            let running = s.call(&id("c_running")).expect("reads").expect("kept");
+            assert_eq!(running.state, CallState::Started);
+            // The users of deleted calls are gone: bob's history holds only the call that is left.
+            let bob = s
+                .user_calls(&uid("bob"), 100, 0)
+                .expect("reads")
+                .calls
+                .into_iter()
+                .map(|c| c.call_id.as_str().to_owned())
+                .collect::<Vec<_>>();
+            assert_eq!(bob, vec!["c_new".to_owned()]);
+            // The billing ledger is not history: it stays.
+            assert_eq!(s.usage(0, u64::MAX, None, None).expect("reads").len(), 1);
+        });
+    }
+
+    #[test]
+    fn finding_old_calls_reads_the_index_not_the_whole_history() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.sqlite");
+        drop(Store::open(&path).expect("opens"));
+        let conn = rusqlite::Connection::open(&path).expect("opens");
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", sqlite::OLD_ENDED_CALLS))
             .expect("explains")
-            .query_map(params![500, 10], |r| r.get(3))
+            .query_map(rusqlite::params![500, 10], |r| r.get(3))
             .expect("plan")
             .collect::<Result<_, _>>()
             .expect("rows");
@@ -1540,5 +1496,193 @@ mod tests {
                 && !plan.iter().any(|d| d.starts_with("SCAN")),
             "{plan:?}"
         );
+    }
+
+    #[test]
+    fn a_database_of_a_release_before_versioning_migrates_and_keeps_its_calls() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.sqlite");
+        {
+            // Version 1's tables as a release before schema versions made them, with a call.
+            let c = rusqlite::Connection::open(&path).expect("opens");
+            c.execute_batch(sqlite::MIGRATIONS[0]).expect("old schema");
+            c.execute_batch(
+                "INSERT INTO calls (call_id, caller, mode, state, extended_data, timeout_secs, \
+                 create_time, end_time) VALUES ('c_old', 'alice', 'general', 'started', '', 30, 5, 0);",
+            )
+            .expect("old row");
+        }
+        let mut s = Store::open(&path).expect("migrates");
+        assert_eq!(
+            s.schema_version().expect("reads"),
+            sqlite::MIGRATIONS.len() as u32
+        );
+        let started = s.started_calls().expect("reads");
+        assert_eq!(started.len(), 1, "a single node takes back its calls");
+        assert_eq!(started[0].call_id.as_str(), "c_old");
+    }
+
+    #[test]
+    fn a_node_restores_only_its_own_started_calls() {
+        each(|db| {
+            let mut a = db.open();
+            a.set_node("node-a");
+            let mut b = db.open();
+            b.set_node("node-b");
+            a.write_calls([&record("c_a", "alice", &["bob"], 1)])
+                .expect("writes");
+            b.write_calls([&record("c_b", "carol", &["dave"], 2)])
+                .expect("writes");
+            let mut again = db.open();
+            again.set_node("node-a");
+            let mine: Vec<String> = again
+                .started_calls()
+                .expect("reads")
+                .into_iter()
+                .map(|c| c.call_id.as_str().to_owned())
+                .collect();
+            assert_eq!(mine, vec!["c_a".to_owned()]);
+            // The history is shared: either node reads the other's call.
+            assert!(
+                again
+                    .call(&CallId::parse("c_b").expect("valid"))
+                    .expect("reads")
+                    .is_some()
+            );
+        });
+    }
+
+    #[test]
+    fn a_database_migrated_by_a_newer_release_is_refused() {
+        each(|db| {
+            let mut s = db.open();
+            let known = s.known_schema_version();
+            assert_eq!(s.schema_version().expect("reads"), known);
+            drop(s);
+            // Opening again applies nothing twice.
+            let mut s = db.open();
+            assert_eq!(s.schema_version().expect("reads"), known);
+            drop(s);
+            db.exec(&format!(
+                "INSERT INTO schema_version (version, applied_at) VALUES ({}, 0)",
+                known + 1
+            ));
+            match db.try_open() {
+                Err(StoreError::SchemaTooNew { found, known: k }) => {
+                    assert_eq!((found, k), (known + 1, known));
+                }
+                other => panic!("a newer schema was not refused: {other:?}"),
+            }
+        });
+    }
+
+    #[test]
+    fn two_writers_of_the_same_ledger_segments_bill_them_once() {
+        each(|db| {
+            let rows: Vec<UsageRecord> = (0..200u64)
+                .map(|i| UsageRecord {
+                    call_id: CallId::parse(&format!("c_{}", i % 7)).expect("valid"),
+                    user_id: uid("bob"),
+                    tier: "hd".into(),
+                    start_ms: i * 1000,
+                    end_ms: i * 1000 + 1000,
+                })
+                .collect();
+            let written: usize = std::thread::scope(|scope| {
+                let writers: Vec<_> = (0..2)
+                    .map(|_| {
+                        let rows = &rows;
+                        let mut s = db.open();
+                        scope.spawn(move || {
+                            rows.chunks(20)
+                                .map(|chunk| s.write_usage(chunk).expect("writes"))
+                                .sum::<usize>()
+                        })
+                    })
+                    .collect();
+                writers.into_iter().map(|w| w.join().expect("writer")).sum()
+            });
+            assert_eq!(written, 200, "each segment is new to exactly one writer");
+            let stored = db.open().usage(0, u64::MAX, None, None).expect("reads");
+            assert_eq!(stored.len(), 200);
+            assert_eq!(stored.iter().map(|r| r.ms).sum::<u64>(), 200_000);
+        });
+    }
+
+    #[test]
+    fn one_node_at_a_time_delivers_a_receivers_webhooks_in_order() {
+        let Some(db) = testdb::postgres() else {
+            return;
+        };
+        let urls = vec!["http://a".to_owned(), "http://b".to_owned()];
+        let mut first = db.open();
+        first.set_webhook_urls(urls.clone());
+        let mut second = db.open();
+        second.set_webhook_urls(urls.clone());
+        let events: Vec<_> = (0..3)
+            .map(|i| crate::webhooks::event("call_started", i, serde_json::json!({ "n": i })))
+            .collect();
+        second.enqueue_webhooks(&events, 10).expect("enqueues");
+        let got = first.due_webhooks_per_url(10, 10).expect("reads");
+        assert_eq!(got.len(), 6, "both receivers' queues, whoever queued them");
+        for url in &urls {
+            let ids: Vec<&str> = got
+                .iter()
+                .filter(|r| &r.url == url)
+                .map(|r| r.event_id.as_str())
+                .collect();
+            let want: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+            assert_eq!(ids, want, "queue order for {url}");
+        }
+        assert!(
+            second
+                .due_webhooks_per_url(10, 10)
+                .expect("reads")
+                .is_empty(),
+            "the other node delivers none while the first holds the receivers"
+        );
+        // The first node goes away (its connection ends): the second takes the receivers over.
+        drop(first);
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let n = second.due_webhooks_per_url(10, 10).expect("reads").len();
+            if n == 6 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the receivers were not handed over"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_postgres_url_is_told_apart_from_nonsense() {
+        assert_eq!(backend_of("").expect("empty"), Kind::Sqlite);
+        assert_eq!(
+            backend_of("postgres://sb:pw@127.0.0.1:5432/sb").expect("url"),
+            Kind::Postgres
+        );
+        assert_eq!(
+            backend_of("host=/run/postgresql dbname=sb").expect("key=value"),
+            Kind::Postgres
+        );
+        let e = backend_of("mysql://x").expect_err("not postgres");
+        assert!(e.to_string().contains("postgres://"), "{e}");
+        assert!(backend_of("postgres://sb@host:notaport/db").is_err());
+    }
+
+    #[test]
+    fn an_unreachable_postgres_fails_to_open_with_a_clear_error() {
+        // A port nothing listens on (bound, then released).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("binds")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let e = Store::open_postgres(&format!("postgres://sb@127.0.0.1:{port}/sb"))
+            .expect_err("nothing listens");
+        assert!(matches!(e, StoreError::Postgres(_)), "{e:?}");
     }
 }

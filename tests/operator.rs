@@ -518,7 +518,7 @@ async fn a_drain_ends_calls_cleanly_loses_no_billing_or_webhook_and_exits_0() {
 
     // Billing: bob's receiving time was flushed to the ledger (the checkpoint is 60 s, so only the
     // drain can have written it).
-    let store = switchboard::storage::Store::open(&db).expect("db opens");
+    let mut store = switchboard::storage::Store::open(&db).expect("db opens");
     let rows = store
         .usage(0, u64::MAX / 2, Some(&call_id.parse().expect("id")), None)
         .expect("ledger");

@@ -150,8 +150,7 @@ async fn history_past_the_retention_is_deleted() {
             leave_time: ended.unwrap_or(0),
         }],
     };
-    {
-        let mut store = switchboard::storage::Store::open(&db).expect("opens");
+    common::pg::with_store(&db, |store| {
         store
             .write_calls(&[
                 call("c_old", now - 5 * day, Some(now - 5 * day + 60_000)),
@@ -159,7 +158,7 @@ async fn history_past_the_retention_is_deleted() {
                 call("c_long", now - 5 * day, None),
             ])
             .expect("writes");
-    }
+    });
     let port = free_port();
     let mut p = start(
         &db,

@@ -162,6 +162,31 @@ fn spawn_history_pruning(hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
     });
 }
 
+/// The name this node writes its calls under: `[server] node_id`, else the host name, with a
+/// PostgreSQL store; nothing with SQLite (one node owns the file).
+pub fn node_name(config: &Config, backend: &str) -> String {
+    if backend != "postgres" {
+        return String::new();
+    }
+    if !config.server.node_id.is_empty() {
+        return config.server.node_id.clone();
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    if name.is_empty() {
+        "switchboard".to_owned()
+    } else {
+        name
+    }
+}
+
 impl Server {
     /// Opens storage, restores calls, and builds the hub.
     pub async fn start(config: Config, opts: Options) -> Result<Server, ServerError> {
@@ -171,11 +196,22 @@ impl Server {
         config.check_mode(opts.dev, true)?;
         let config = Arc::new(config);
         let metrics = crate::metrics::install();
-        let mut store = Store::open(&config.storage.path)?;
-        store.set_webhook_urls(config.webhooks.urls.clone());
-        // Events for a receiver taken out of [webhooks] urls would wait for ever: nobody delivers
-        // them. Say so, count them, and let them go.
-        let dropped = store.drop_unconfigured_webhooks()?;
+        // The PostgreSQL driver blocks (on a runtime of its own): open on a blocking thread.
+        let setup = Arc::clone(&config);
+        let (store, restored, dropped, dead) = tokio::task::spawn_blocking(move || {
+            let mut store = Store::connect(&setup.storage)?;
+            store.set_node(node_name(&setup, store.backend()));
+            store.set_webhook_urls(setup.webhooks.urls.clone());
+            // Events for a receiver taken out of [webhooks] urls would wait for ever: nobody
+            // delivers them.
+            let dropped = store.drop_unconfigured_webhooks()?;
+            let dead = store.dead_webhook_count()?;
+            let restored = store.started_calls()?;
+            Ok::<_, StoreError>((store, restored, dropped, dead))
+        })
+        .await
+        .map_err(|_| ServerError::Storage(StoreError::Closed))??;
+        tracing::info!(backend = store.backend(), "storage open");
         if dropped > 0 {
             tracing::warn!(
                 events = dropped,
@@ -183,8 +219,7 @@ impl Server {
             );
             metrics::counter!(crate::metrics::WEBHOOK_DROPPED).increment(dropped as u64);
         }
-        metrics::gauge!(crate::metrics::WEBHOOK_DEAD).set(store.dead_webhook_count()? as f64);
-        let restored = store.started_calls()?;
+        metrics::gauge!(crate::metrics::WEBHOOK_DEAD).set(dead as f64);
         let n_restored = restored.len();
         let mut core = Signaling::new(Rules::from_config(&config.signaling));
         core.restore(restored, now_ms());

@@ -164,9 +164,6 @@ impl StoreThread {
         let (health_tx, health) = watch::channel(true);
         metrics::gauge!(m::STORAGE_UP).set(1.0);
         let restorer: Arc<OnceLock<Box<dyn Restorer>>> = Arc::new(OnceLock::new());
-        if let Err(e) = store.conn.busy_timeout(BUSY_TIMEOUT) {
-            tracing::warn!(error = %e, "cannot set the database busy timeout");
-        }
         let writer = Writer {
             store,
             health: health_tx,
@@ -177,7 +174,12 @@ impl StoreThread {
         };
         let handle = std::thread::Builder::new()
             .name("storage".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                // On this thread: the PostgreSQL driver blocks, and may not on a runtime's.
+                let mut writer = writer;
+                writer.store.set_lock_timeout(BUSY_TIMEOUT);
+                writer.run(rx)
+            })
             .unwrap_or_else(|e| panic!("cannot spawn the storage thread: {e}"));
         (
             Self {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod media;
+pub mod pg;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -33,6 +34,10 @@ pub fn config(dir: &std::path::Path) -> Config {
     let mut c = Config::default();
     c.auth.secret = SECRET.into();
     c.storage.path = dir.join("switchboard.db");
+    if let Some(url) = pg::url_for(&c.storage.path) {
+        c.storage.url = url;
+        c.server.node_id = pg::NODE.into();
+    }
     c.server.listen = "127.0.0.1:0".parse().expect("addr");
     c.media.udp_port = 0;
     c.media.tcp_port = 0;

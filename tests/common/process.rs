@@ -46,11 +46,17 @@ pub async fn start_logging(
         .env("SWITCHBOARD_MEDIA_UDP_PORT", "0")
         .env("SWITCHBOARD_MEDIA_TCP_PORT", "0")
         .env("RUST_LOG", "warn")
+        .env_remove("SWITCHBOARD_TEST_STORAGE")
+        .env_remove("SWITCHBOARD_TEST_POSTGRES")
         .stdout(Stdio::null())
         .stderr(match log.and_then(|p| std::fs::File::create(p).ok()) {
             Some(f) => Stdio::from(f),
             None => Stdio::inherit(),
         });
+    if let Some(url) = super::pg::url_for(db) {
+        cmd.env("SWITCHBOARD_STORAGE_URL", url)
+            .env("SWITCHBOARD_SERVER_NODE_ID", super::pg::NODE);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
