@@ -20,8 +20,31 @@ pub fn url_for(db: &Path) -> Option<String> {
     if !enabled() {
         return None;
     }
-    let admin = std::env::var("SWITCHBOARD_TEST_POSTGRES")
-        .expect("SWITCHBOARD_TEST_STORAGE=postgres needs SWITCHBOARD_TEST_POSTGRES");
+    assert!(
+        server().is_some(),
+        "SWITCHBOARD_TEST_STORAGE=postgres needs SWITCHBOARD_TEST_POSTGRES"
+    );
+    schema_url(db)
+}
+
+/// The test server's connection string, if there is one; under CI there must be.
+pub fn server() -> Option<String> {
+    match std::env::var("SWITCHBOARD_TEST_POSTGRES") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "SWITCHBOARD_TEST_POSTGRES is not set: CI runs the PostgreSQL tests (scripts/test starts a server)"
+            );
+            None
+        }
+    }
+}
+
+/// The connection string for the schema standing for `db` (see [`url_for`]), whichever run this
+/// is; `None` without a test server.
+pub fn schema_url(db: &Path) -> Option<String> {
+    let admin = server()?;
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     db.hash(&mut h);
@@ -56,6 +79,21 @@ pub fn with_store<T: Send>(
                 }
                 None => switchboard::storage::Store::open(db).expect("opens"),
             };
+            f(&mut store)
+        })
+        .join()
+        .expect("store thread")
+    })
+}
+
+/// Runs `f` on a PostgreSQL store at `url`, on a thread of its own.
+pub fn with_postgres<T: Send>(
+    url: &str,
+    f: impl FnOnce(&mut switchboard::storage::Store) -> T + Send,
+) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut store = switchboard::storage::Store::open_postgres(url).expect("connects");
             f(&mut store)
         })
         .join()
