@@ -792,6 +792,13 @@ pub(crate) mod testdb {
         config: postgres::Config,
     }
 
+    impl Schema {
+        /// The configuration the tests' stores connect with.
+        pub(crate) fn config(&self) -> &postgres::Config {
+            &self.config
+        }
+    }
+
     impl Drop for Schema {
         fn drop(&mut self) {
             if let Ok(mut c) = postgres::Client::connect(&self.admin, NoTls) {
@@ -905,7 +912,7 @@ pub(crate) mod testdb {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc;
+    use std::sync::{Arc, mpsc};
     use std::time::Instant;
 
     use super::*;
@@ -1655,6 +1662,162 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// A TCP relay to the test PostgreSQL's Unix socket that can be cut, as a network can.
+    struct Relay {
+        port: u16,
+        cut: Arc<std::sync::atomic::AtomicBool>,
+        open: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    }
+
+    impl Relay {
+        fn start(socket: std::path::PathBuf) -> Relay {
+            use std::sync::atomic::Ordering;
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+            let port = l.local_addr().expect("addr").port();
+            let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let (c, o) = (Arc::clone(&cut), Arc::clone(&open));
+            std::thread::spawn(move || {
+                for conn in l.incoming() {
+                    let Ok(tcp) = conn else { continue };
+                    if c.load(Ordering::SeqCst) {
+                        let _ = tcp.shutdown(std::net::Shutdown::Both);
+                        continue;
+                    }
+                    let Ok(unix) = std::os::unix::net::UnixStream::connect(&socket) else {
+                        continue;
+                    };
+                    let (Ok(tcp2), Ok(unix2)) = (tcp.try_clone(), unix.try_clone()) else {
+                        continue;
+                    };
+                    if let Ok(t) = tcp.try_clone() {
+                        o.lock().expect("lock").push(t);
+                    }
+                    let (mut r1, mut w1) = (tcp, unix);
+                    let (mut r2, mut w2) = (unix2, tcp2);
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut r1, &mut w1);
+                        let _ = w1.shutdown(std::net::Shutdown::Both);
+                    });
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut r2, &mut w2);
+                        let _ = w2.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            });
+            Relay { port, cut, open }
+        }
+
+        /// Breaks every connection and refuses new ones (until `resume`).
+        fn cut(&self) {
+            self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+            for s in self.open.lock().expect("lock").drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+
+        fn resume(&self) {
+            self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn while_postgres_is_unreachable_changes_are_refused_and_it_reconnects_when_back() {
+        let Some(db) = testdb::postgres() else {
+            return;
+        };
+        let testdb::Db::Postgres(schema) = &db else {
+            unreachable!("postgres() gives a PostgreSQL database")
+        };
+        let direct = schema.config();
+        let socket = match direct.get_hosts().first() {
+            Some(::postgres::config::Host::Unix(dir)) => dir.join(format!(
+                ".s.PGSQL.{}",
+                direct.get_ports().first().copied().unwrap_or(5432)
+            )),
+            other => panic!("the test server is reached over a Unix socket, not {other:?}"),
+        };
+        let relay = Relay::start(socket);
+        let mut via = ::postgres::Config::new();
+        via.host("127.0.0.1")
+            .port(relay.port)
+            .user(direct.get_user().unwrap_or("postgres"))
+            .dbname(direct.get_dbname().unwrap_or("postgres"))
+            .options(direct.get_options().unwrap_or(""));
+        let (t, handle) = StoreThread::spawn_with(
+            Store::open_postgres_config(via).expect("connects through the relay"),
+            std::time::Duration::from_millis(600),
+        );
+        let (restored_tx, restored) = mpsc::channel();
+        t.set_restorer(Box::new(Recorded(restored_tx)));
+        assert_eq!(outcome(&t, record("c_1", "alice", &["bob"], 1)), Ok(()));
+
+        relay.cut();
+        let mut ended = record("c_1", "alice", &["bob"], 1);
+        ended.state = CallState::Ended;
+        let started = Instant::now();
+        assert!(
+            outcome(&t, ended).is_err(),
+            "a change the database never got is not ok"
+        );
+        // Each attempt fails at once (the connection is refused), so the backoff alone spaces them:
+        // 25 + 50 + 100 + 200 ms before the next pause would pass the 600 ms timeout.
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(300),
+            "retried first"
+        );
+        assert!(!t.healthy());
+        let back = restored
+            .recv_timeout(std::time::Duration::from_secs(1))
+            .expect("restore");
+        assert_eq!(back[0].0.as_str(), "c_1");
+        t.submit(Job::Restored(vec![back[0].0.clone()]))
+            .expect("queued");
+        // Billed time while it is down is kept, and written once it is back.
+        t.submit(Job::Usage(
+            vec![UsageRecord {
+                call_id: CallId::parse("c_1").expect("valid"),
+                user_id: uid("bob"),
+                tier: "hd".into(),
+                start_ms: 0,
+                end_ms: 5000,
+            }],
+            Vec::new(),
+        ))
+        .expect("queued");
+
+        relay.resume();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while !t.healthy() {
+            assert!(Instant::now() < deadline, "the store reconnects");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(outcome(&t, record("c_2", "alice", &["carol"], 2)), Ok(()));
+        drop(t);
+        handle.join().expect("thread ends");
+        let mut s = db.open();
+        assert_eq!(
+            s.call(&CallId::parse("c_1").expect("valid"))
+                .expect("reads")
+                .map(|c| c.state),
+            Some(CallState::Started),
+            "the refused end was not written"
+        );
+        assert!(
+            s.call(&CallId::parse("c_2").expect("valid"))
+                .expect("reads")
+                .is_some()
+        );
+        assert_eq!(
+            s.usage(0, u64::MAX, None, None)
+                .expect("reads")
+                .iter()
+                .map(|r| r.ms)
+                .sum::<u64>(),
+            5000
+        );
     }
 
     #[test]

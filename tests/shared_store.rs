@@ -72,6 +72,24 @@ async fn node(url: &str, name: &str, hook: SocketAddr, dir: &std::path::Path) ->
     start(&dir.join(format!("{name}.db")), free_port(), &env).await
 }
 
+/// Runs a `switchboard` command against the store at `url`; returns its stdout (it must succeed).
+fn cli(url: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(args)
+        .env("SWITCHBOARD_STORAGE_URL", url)
+        .env("SWITCHBOARD_AUTH_SECRET", common::SECRET)
+        .env_remove("SWITCHBOARD_TEST_POSTGRES")
+        .env_remove("SWITCHBOARD_TEST_STORAGE")
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "switchboard {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Calls that ring an offline user and are cancelled: call_started, invitation_unanswered,
 /// call_ended each.
 async fn calls(p: &Proc, caller: &str, callee: &str, n: usize) -> Vec<String> {
@@ -99,6 +117,15 @@ async fn two_nodes_share_one_history_one_ledger_and_one_outbox() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let url = common::pg::schema_url(&dir.path().join("shared")).expect("schema");
+    // An operator migrates the empty database first (serve would too), and can ask again.
+    for _ in 0..2 {
+        let out = cli(&url, &["migrate"]);
+        assert!(
+            out.contains("postgres database")
+                && out.contains("schema version 2 (this build knows 2)"),
+            "{out}"
+        );
+    }
     let (hook, addr) = hook().await;
     let mut a = node(&url, "node-a", addr, dir.path()).await;
     let b = node(&url, "node-b", addr, dir.path()).await;
@@ -218,6 +245,15 @@ async fn two_nodes_share_one_history_one_ledger_and_one_outbox() {
         billed + 1_700 >= media_ms && billed <= media_ms + 500,
         "billed {billed} ms of {media_ms} ms of video: {rows:?}"
     );
+
+    // The billing report reads the shared ledger, from any node's configuration.
+    let report: Value = serde_json::from_str(&cli(
+        &url,
+        &["billing", "report", "--from", "0", "--call-id", &call_id],
+    ))
+    .expect("a JSON report");
+    let text = report.to_string();
+    assert!(text.contains("frank"), "{report}");
 
     // Node B still serves, and delivers what node A queued before it died.
     let mut per_call: HashMap<String, Vec<String>> = HashMap::new();
