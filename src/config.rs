@@ -63,6 +63,8 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// TURN servers handed to clients.
     pub turn: TurnConfig,
+    /// Several nodes as one service (Redis).
+    pub cluster: ClusterConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -409,6 +411,38 @@ impl Default for TurnConfig {
     }
 }
 
+/// `[cluster]`: several nodes behind one address, on one PostgreSQL store and one Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Redis for the node registry, routing between nodes and room placement
+    /// (`redis://host:6379/0`, `rediss://…`, `redis+unix:///run/redis.sock`). Empty: one node.
+    pub redis_url: String,
+    /// The URL clients and other nodes reach this node's HTTP at (`http://10.0.0.5:7880`). Empty:
+    /// `http://` and the listen address.
+    pub advertise: String,
+    /// Seconds after its last heartbeat that a node counts as gone (its registry entry expires);
+    /// heartbeats go out five times in that span.
+    pub node_ttl: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            advertise: String::new(),
+            node_ttl: 5,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether this node is one of several.
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.is_empty()
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -651,6 +685,39 @@ impl Config {
                 "at most 64 characters of letters, digits, '-', '_' and '.'",
             );
         }
+        let cl = &self.cluster;
+        if cl.enabled() {
+            if !(cl.redis_url.starts_with("redis://")
+                || cl.redis_url.starts_with("rediss://")
+                || cl.redis_url.starts_with("redis+unix://")
+                || cl.redis_url.starts_with("unix://"))
+            {
+                return invalid(
+                    "cluster.redis_url",
+                    "must be a redis://, rediss:// or redis+unix:// URL",
+                );
+            }
+            if !matches!(
+                crate::storage::backend_of(&self.storage.url),
+                Ok(crate::storage::Kind::Postgres)
+            ) {
+                return invalid(
+                    "cluster.redis_url",
+                    "several nodes share one PostgreSQL store: set [storage] url too",
+                );
+            }
+        }
+        let advertised = ["", "http://", "https://"].iter().any(|p| {
+            if p.is_empty() {
+                cl.advertise.is_empty()
+            } else {
+                cl.advertise.starts_with(p)
+            }
+        });
+        if !advertised {
+            return invalid("cluster.advertise", "must be an http:// or https:// URL");
+        }
+        range("cluster.node_ttl", cl.node_ttl, 2, 600)?;
         let tiers = &self.billing.tiers;
         if tiers.len() < 2 {
             return invalid(
@@ -801,6 +868,7 @@ const SECTIONS: &[&str] = &[
     "billing",
     "webhooks",
     "turn",
+    "cluster",
     "log",
 ];
 

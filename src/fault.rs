@@ -64,6 +64,14 @@ pub fn core_poisoned() -> ! {
     std::process::abort()
 }
 
+/// Called when this node finds that another took the cluster's calls over while it still thought
+/// it owned them (it was cut off from the database): its in-memory calls are stale, so it exits
+/// (code 75, "temporary failure") and its supervisor starts it again as a follower.
+pub fn exit_lost_ownership() -> ! {
+    eprintln!("switchboard: another node owns the calls now; exiting to restart clean");
+    std::process::exit(75)
+}
+
 fn armed(kind: &str) -> bool {
     static FAULT: OnceLock<Option<String>> = OnceLock::new();
     FAULT

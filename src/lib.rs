@@ -18,6 +18,7 @@
 pub mod auth;
 pub mod billing;
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod fault;

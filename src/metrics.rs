@@ -85,6 +85,10 @@ metrics! {
     Gauge WEBHOOK_BACKLOG = "switchboard_webhook_backlog", "Events waiting in the webhook outbox.";
     Counter WEBHOOK_DEAD_LETTERS = "switchboard_webhook_dead_letters_total", "Webhook events given up on and moved to the dead letters, label `reason` (max_attempts, max_age).";
     Gauge WEBHOOK_DEAD = "switchboard_webhook_dead_letters", "Webhook events in the dead letters (GET /v1/admin/webhooks/dead).";
+    Gauge CLUSTER_NODES = "switchboard_cluster_nodes", "Live nodes in the cluster's registry, as this node last read it.";
+    Gauge CLUSTER_OWNER = "switchboard_cluster_owner", "1 while this node owns the cluster's calls.";
+    Counter CLUSTER_MESSAGES = "switchboard_cluster_messages_total", "Messages between nodes, by direction (in, out).";
+    Counter CLUSTER_DROPPED = "switchboard_cluster_dropped_total", "Messages to other nodes given up on (queue full, or the node unreachable for node_ttl).";
     Counter WEBHOOK_DROPPED = "switchboard_webhook_dropped_total", "Outbox rows dropped at start because their receiver is no longer in [webhooks] urls.";
 }
 
@@ -111,9 +115,19 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// Installs the process-wide recorder once and returns a handle that renders the text format.
 /// Later calls (several servers in one test process) share the first recorder.
 pub fn install() -> PrometheusHandle {
+    install_for("")
+}
+
+/// Like [`install`], with every series labelled `node="<node>"` when `node` is not empty (the
+/// nodes of a cluster). The first call in a process decides.
+pub fn install_for(node: &str) -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
+            let mut base = PrometheusBuilder::new();
+            if !node.is_empty() {
+                base = base.add_global_label("node", node);
+            }
+            let builder = base
                 .set_buckets_for_metric(Matcher::Full(PACKET_DWELL.into()), DWELL_BUCKETS)
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(OP_LATENCY.into()), OP_BUCKETS)

@@ -28,6 +28,7 @@ use crate::webhooks::OutboxEvent;
 mod postgres;
 mod sqlite;
 mod writer;
+pub use postgres::OwnerLock;
 pub use writer::{Continuation, Job, PROBE_EVERY, Restorer, StoreThread, Unavailable};
 
 /// A storage failure.
@@ -66,6 +67,13 @@ pub enum StoreError {
     /// The storage thread is gone.
     #[error("storage is shut down")]
     Closed,
+    /// Another node took the cluster's calls over (ownership epoch `epoch`): this node may no
+    /// longer write them.
+    #[error("another node owns the calls now (ownership epoch {epoch})")]
+    Fenced {
+        /// The epoch in force.
+        epoch: i64,
+    },
 }
 
 /// One page of a user's call history.
@@ -176,6 +184,12 @@ pub(crate) trait Backend: Send {
     fn prune_history(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError>;
     /// Started calls run by `node`, with their row IDs.
     fn started_calls(&mut self, node: &str) -> Result<Vec<(i64, CallRecord)>, StoreError>;
+    /// Writes of calls commit only while the cluster's ownership epoch is `epoch` (`None`: always).
+    fn set_fence(&mut self, _epoch: Option<i64>) {}
+    /// Marks every started call as run by `node` (a cluster owner taking the calls over); how many.
+    fn adopt_started_calls(&mut self, _node: &str) -> Result<usize, StoreError> {
+        Ok(0)
+    }
     fn probe(&mut self, now_ms: u64) -> Result<(), StoreError>;
     fn call(&mut self, id: &CallId) -> Result<Option<CallRecord>, StoreError>;
     fn list_calls(&mut self, f: &CallFilter, limit: usize) -> Result<Vec<CallRecord>, StoreError>;
@@ -426,6 +440,24 @@ impl Store {
 
     /// Every started call this node runs, for the core to restore after a restart. They are
     /// remembered as committed (see [`committed`](Self::committed)).
+    /// Takes over every started call for this node as the cluster's owner at `epoch`: from now on
+    /// its writes of calls commit only while that epoch holds, and the calls are this node's.
+    /// Returns them, as [`started_calls`](Self::started_calls) does.
+    pub fn take_over(&mut self, epoch: i64) -> Result<Vec<CallRecord>, StoreError> {
+        self.db.set_fence(Some(epoch));
+        let node = self.node.clone();
+        let n = self.db.adopt_started_calls(&node)?;
+        tracing::info!(calls = n, epoch, "took the cluster's calls over");
+        self.written.clear();
+        self.started_calls()
+    }
+
+    /// Stops writing calls as the cluster's owner (another node took over).
+    pub fn give_up_ownership(&mut self) {
+        self.db.set_fence(Some(-1));
+        self.written.clear();
+    }
+
     pub fn started_calls(&mut self) -> Result<Vec<CallRecord>, StoreError> {
         let rows = self.db.started_calls(&self.node)?;
         let mut calls = Vec::with_capacity(rows.len());

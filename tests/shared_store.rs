@@ -122,7 +122,7 @@ async fn two_nodes_share_one_history_one_ledger_and_one_outbox() {
         let out = cli(&url, &["migrate"]);
         assert!(
             out.contains("postgres database")
-                && out.contains("schema version 2 (this build knows 2)"),
+                && out.contains("schema version 3 (this build knows 3)"),
             "{out}"
         );
     }

@@ -277,6 +277,27 @@ def build():
     ], unit="ops", stack=True, description="Events moved to dead letters after [webhooks] max_attempts "
                                            "refusals or max_age; see GET /v1/admin/webhooks/dead."), 24, 8)
 
+    L.row("Cluster")
+    L.add(stat("Live nodes", f"max(switchboard_cluster_nodes{{{SEL}}})",
+               description="Nodes in the Redis registry, as each node last read it ([cluster] redis_url)."), 6, 8)
+    L.add(series("Owner of the calls", [
+        (f"max by (node) (switchboard_cluster_owner{{{SEL}}})", "{{node}}"),
+    ], description="1 for the node that applies every call's ops and timers; it changes only when "
+                   "the owner dies (or loses the database)."), 6, 8)
+    L.add(series("Sessions per node", [
+        (f"sum by (node) (switchboard_sessions_connected{{{SEL}}})", "{{node}}"),
+    ], stack=True), 6, 8)
+    L.add(series("Forwarded packets per node", [
+        (rate("switchboard_rtp_packets_forwarded_total", "node"), "{{node}}"),
+    ], unit="pps", stack=True), 6, 8)
+    L.add(series("Messages between nodes", [
+        (rate("switchboard_cluster_messages_total", "node, dir"), "{{node}} {{dir}}"),
+    ], unit="ops", description="Session frames relayed to the owner, and its events and replies back."), 12, 8)
+    L.add(series("Messages given up", [
+        (rate("switchboard_cluster_dropped_total", "node"), "{{node}}"),
+    ], unit="ops", description="A full queue, or a node unreachable for node_ttl: the receiving node "
+                               "resyncs its sessions (they get the replay a reconnect gets)."), 12, 8)
+
     L.row("HTTP")
     L.add(series("Open HTTP connections", [
         (f"sum(switchboard_http_connections{{{SEL}}})", "open"),

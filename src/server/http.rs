@@ -241,6 +241,9 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
     if *app.shutdown.borrow() || app.draining() {
         return not_ready("draining");
     }
+    if app.hub.relay_to() == Some(None) {
+        return not_ready("no node owns the calls yet");
+    }
     let store = app.hub.store();
     if !store.healthy() {
         return not_ready("storage failing");
@@ -383,6 +386,25 @@ pub async fn dead_webhooks(
         .map_err(HttpError::internal)?
         .map_err(HttpError::internal)?;
     Ok(Json(json!({ "dead_letters": dead, "total": total })))
+}
+
+/// `GET /v1/cluster`: this node, the owner of the calls and every live node with its load, as the
+/// registry had them at this node's last heartbeat. On a single node: that node alone.
+pub async fn cluster(State(app): State<AppState>, _admin: Admin) -> Json<Value> {
+    match app.hub.cluster() {
+        Some(c) => Json(json!({
+            "node_id": c.node_id(),
+            "index": c.index(),
+            "owner": c.owner(),
+            "nodes": c.nodes(),
+        })),
+        None => Json(json!({
+            "node_id": app.hub.config().server.node_id,
+            "index": 0,
+            "owner": null,
+            "nodes": [],
+        })),
+    }
 }
 
 /// A `limit` query parameter: 1..1000, 50 when absent.

@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 
 use crate::auth::Identity;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::ids::{CallId, SessionId, UserId};
 use crate::metrics as m;
@@ -54,12 +55,16 @@ pub enum Outbound {
     Raw(&'static str, Arc<str>),
     /// A reply frame, complete.
     Reply(String),
+    /// An event serialized on another node, `{"event":…,"data":…}`; the writer numbers it.
+    Frame(String),
     /// Close the socket with this code and reason.
     Close(u16, &'static str),
 }
 
 struct SessionEntry {
     user: UserId,
+    /// The display name from the session's token.
+    name: Option<String>,
     /// The session's outbound queue, bounded by `[sessions] outbound_queue`.
     tx: mpsc::Sender<Outbound>,
     /// Told when the queue overflows: the session closes (its client reads too slowly).
@@ -103,6 +108,8 @@ pub struct Hub {
     rooms: std::sync::RwLock<Option<Arc<dyn RoomControl>>>,
     notices: std::sync::RwLock<Vec<Arc<dyn NoticeSink>>>,
     draining: std::sync::atomic::AtomicBool,
+    /// The other nodes, when this node is one of several.
+    cluster: std::sync::OnceLock<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -128,10 +135,160 @@ impl Hub {
             rooms: std::sync::RwLock::new(None),
             notices: std::sync::RwLock::new(Vec::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
+            cluster: std::sync::OnceLock::new(),
         });
         hub.store
             .set_restorer(Box::new(CoreRestorer(Arc::downgrade(&hub))));
         hub
+    }
+
+    /// Joins this hub to a cluster: its sessions are numbered under the node's index, and until
+    /// the node owns the calls their frames go to the owner. Call before any session connects.
+    pub fn set_cluster(&self, cluster: Arc<Cluster>) {
+        self.next_session.store(
+            crate::cluster::first_session(cluster.index()),
+            Ordering::Relaxed,
+        );
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster, when this node is one of several.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Where this node's sessions' frames go: `None` when this hub applies them (a single node, or
+    /// the owner); `Some(None)` while no owner is known.
+    pub fn relay_to(&self) -> Option<Option<u32>> {
+        self.cluster.get().and_then(|c| c.relay_to())
+    }
+
+    /// Sends a message to another node.
+    pub fn send_to_node(&self, node: u32, msg: crate::cluster::Msg) {
+        if let Some(c) = self.cluster.get() {
+            c.send(node, msg);
+        }
+    }
+
+    /// Puts `core` in place of the (empty) core of a node that did not own the calls, and arms its
+    /// timers: the takeover of a cluster's calls.
+    pub fn replace_core(&self, core: Signaling) {
+        let mut guard = self.core();
+        *guard = core;
+        if self.draining() {
+            guard.set_draining(true);
+        }
+        self.armed.store(u64::MAX, Ordering::Release);
+        self.rearm(&guard);
+        drop(guard);
+        self.init_gauges();
+    }
+
+    /// Registers this node's sessions again where frames now go: with the core here (this node just
+    /// took the calls over) or with the owner (it changed, or messages may have been lost). Each gets
+    /// the replay a reconnect gets.
+    pub fn resync_sessions(self: &Arc<Self>) {
+        let local: Vec<(SessionId, UserId, Option<String>)> = self
+            .sessions
+            .iter()
+            .filter(|e| self.is_local(*e.key()))
+            .map(|e| (*e.key(), e.user.clone(), e.name.clone()))
+            .collect();
+        match self.relay_to() {
+            None => {
+                for (sid, user, name) in local {
+                    let now = now_ms();
+                    let mut core = self.core();
+                    if core.session_user(sid).is_some() {
+                        continue;
+                    }
+                    let was_online = core.is_online(&user);
+                    let out = core.connect(now, sid, user, name);
+                    if !was_online {
+                        metrics::gauge!(m::USERS_ONLINE).increment(1.0);
+                    }
+                    self.commit(&mut core, now, out, Answer::CloseOnFailure(sid));
+                }
+            }
+            Some(Some(owner)) => {
+                for (sid, user, name) in local {
+                    self.send_to_node(
+                        owner,
+                        crate::cluster::Msg::Connect {
+                            sid: sid.0,
+                            user: user.as_str().to_owned(),
+                            name,
+                        },
+                    );
+                }
+            }
+            Some(None) => {}
+        }
+    }
+
+    /// Whether the session's WebSocket is on this node.
+    fn is_local(&self, sid: SessionId) -> bool {
+        self.cluster
+            .get()
+            .is_none_or(|c| crate::cluster::node_of(sid) == c.index())
+    }
+
+    /// Registers a session whose WebSocket is on another node (this node owns the calls): like
+    /// [`connect`](Self::connect), but with the session ID that node gave it, and without the
+    /// `session` event (that node sent it). `tx` carries what the session is sent back there.
+    pub fn connect_remote(
+        self: &Arc<Self>,
+        sid: SessionId,
+        user: UserId,
+        name: Option<String>,
+        tx: mpsc::Sender<Outbound>,
+        overflow: Arc<Notify>,
+    ) {
+        self.sessions.insert(
+            sid,
+            SessionEntry {
+                user: user.clone(),
+                name: name.clone(),
+                tx,
+                overflow,
+            },
+        );
+        let now = now_ms();
+        let mut core = self.core();
+        let was_online = core.is_online(&user);
+        let out = core.connect(now, sid, user.clone(), name.clone());
+        if !was_online {
+            metrics::gauge!(m::USERS_ONLINE).increment(1.0);
+        }
+        self.commit(&mut core, now, out, Answer::CloseOnFailure(sid));
+        drop(core);
+        let _ = self.store.submit(Job::Run(Box::new(move |s| {
+            if let Err(e) = s.remember_user(&user, name.as_deref(), now) {
+                tracing::warn!(error = %e, "remembering user failed");
+            }
+        })));
+    }
+
+    /// A remote session registers again (its node resynced): it gets the replay a reconnect gets.
+    pub fn connect_remote_again(
+        self: &Arc<Self>,
+        sid: SessionId,
+        user: UserId,
+        name: Option<String>,
+    ) {
+        let now = now_ms();
+        let mut core = self.core();
+        let out = core.connect(now, sid, user, name);
+        self.commit(&mut core, now, out, Answer::CloseOnFailure(sid));
+    }
+
+    /// Sessions registered here whose WebSocket is on node `index`.
+    pub fn sessions_on(&self, index: u32) -> Vec<SessionId> {
+        self.sessions
+            .iter()
+            .map(|e| *e.key())
+            .filter(|sid| crate::cluster::node_of(*sid) == index)
+            .collect()
     }
 
     /// Installs (or, with `None`, removes) the media plane's room hooks.
@@ -236,6 +393,7 @@ impl Hub {
             sid,
             SessionEntry {
                 user: identity.user_id.clone(),
+                name: identity.name.clone(),
                 tx,
                 overflow,
             },
@@ -243,6 +401,24 @@ impl Hub {
         metrics::gauge!(m::SESSIONS_CONNECTED).increment(1.0);
         let user = identity.user_id.clone();
         let name = identity.name.clone();
+        match self.relay_to() {
+            None => {}
+            // Another node owns the calls: register there (or, with no owner yet, when one is
+            // known: see `resync_sessions`).
+            Some(owner) => {
+                if let Some(owner) = owner {
+                    self.send_to_node(
+                        owner,
+                        crate::cluster::Msg::Connect {
+                            sid: sid.0,
+                            user: user.as_str().to_owned(),
+                            name,
+                        },
+                    );
+                }
+                return sid;
+            }
+        }
         {
             let mut core = self.core();
             let was_online = core.is_online(&user);
@@ -266,7 +442,16 @@ impl Hub {
         if self.sessions.remove(&sid).is_none() {
             return;
         }
-        metrics::gauge!(m::SESSIONS_CONNECTED).decrement(1.0);
+        let local = self.is_local(sid);
+        if local {
+            metrics::gauge!(m::SESSIONS_CONNECTED).decrement(1.0);
+        }
+        if local && let Some(relay) = self.relay_to() {
+            if let Some(owner) = relay {
+                self.send_to_node(owner, crate::cluster::Msg::Disconnect { sid: sid.0 });
+            }
+            return;
+        }
         let now = now_ms();
         let mut core = self.core();
         let user = core.session_user(sid).cloned();

@@ -162,6 +162,16 @@ impl MediaPlane {
         }
     }
 
+    /// Rooms someone joined here that are not closed yet.
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Participants joined here.
+    pub fn participant_count(&self) -> usize {
+        self.joined.len()
+    }
+
     /// The engine.
     pub fn sfu(&self) -> &Sfu {
         &self.sfu

@@ -14,6 +14,7 @@ pub mod hub;
 pub mod listener;
 pub mod media;
 pub mod openapi;
+pub mod remote;
 pub mod session;
 pub mod web;
 pub mod webhooks;
@@ -58,6 +59,9 @@ pub enum ServerError {
     /// The configuration does not fit the mode (a short secret, `--dev` with a real secret).
     #[error("invalid configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
+    /// The cluster link could not start (Redis, or a node name in use).
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Shared state of every handler.
@@ -195,19 +199,31 @@ impl Server {
         // their own listeners).
         config.check_mode(opts.dev, true)?;
         let config = Arc::new(config);
-        let metrics = crate::metrics::install();
+        // A cluster's nodes label their series with their name.
+        let metrics = crate::metrics::install_for(&if config.cluster.enabled() {
+            node_name(&config, "postgres")
+        } else {
+            String::new()
+        });
         // The PostgreSQL driver blocks (on a runtime of its own): open on a blocking thread.
         let setup = Arc::clone(&config);
-        let (store, restored, dropped, dead) = tokio::task::spawn_blocking(move || {
+        let clustered = config.cluster.enabled();
+        let (store, restored, dropped, dead, node) = tokio::task::spawn_blocking(move || {
             let mut store = Store::connect(&setup.storage)?;
-            store.set_node(node_name(&setup, store.backend()));
+            let node = node_name(&setup, store.backend());
+            store.set_node(node.clone());
             store.set_webhook_urls(setup.webhooks.urls.clone());
             // Events for a receiver taken out of [webhooks] urls would wait for ever: nobody
             // delivers them.
             let dropped = store.drop_unconfigured_webhooks()?;
             let dead = store.dead_webhook_count()?;
-            let restored = store.started_calls()?;
-            Ok::<_, StoreError>((store, restored, dropped, dead))
+            // In a cluster the calls are restored by the node that takes them over.
+            let restored = if clustered {
+                Vec::new()
+            } else {
+                store.started_calls()?
+            };
+            Ok::<_, StoreError>((store, restored, dropped, dead, node))
         })
         .await
         .map_err(|_| ServerError::Storage(StoreError::Closed))??;
@@ -249,6 +265,19 @@ impl Server {
         hub.set_room_control(Some(Arc::clone(&media) as Arc<dyn hub::RoomControl>));
         webhooks::spawn(Arc::clone(&hub), shutdown.clone());
         spawn_history_pruning(Arc::clone(&hub), shutdown.clone());
+        let cluster = if clustered {
+            let c = crate::cluster::Cluster::connect(
+                &config,
+                &node,
+                media.sfu().local_addr().to_string(),
+            )
+            .await?;
+            hub.set_cluster(Arc::clone(&c));
+            tracing::info!(node = %node, index = c.index(), "cluster: joined");
+            Some(c)
+        } else {
+            None
+        };
         let state = AppState {
             hub,
             biller,
@@ -260,6 +289,9 @@ impl Server {
             drain_requested: Arc::new(tokio::sync::Notify::new()),
             admission: admission::Admission::new(config.sessions.clone()),
         };
+        if let Some(c) = cluster {
+            c.start(remote::Remote::new(state.clone()), state.shutdown.clone());
+        }
         Ok(Server {
             state,
             shutdown_tx,
@@ -389,6 +421,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/admin/drain", post(http::start_drain))
         .route("/v1/admin/webhooks/dead", get(http::dead_webhooks))
+        .route("/v1/cluster", get(http::cluster))
         .route("/v1/openapi.json", get(openapi::openapi))
         .merge(web::routes())
         .fallback(http::not_found)

@@ -108,9 +108,9 @@ impl Strikes {
 
 /// Disconnects the session from the hub when the session task ends, however it ends (a panic
 /// in the task included): a user is never left online by a session that is gone.
-struct Registered {
-    hub: Arc<super::hub::Hub>,
-    sid: SessionId,
+pub(super) struct Registered {
+    pub(super) hub: Arc<super::hub::Hub>,
+    pub(super) sid: SessionId,
 }
 
 impl Drop for Registered {
@@ -233,6 +233,17 @@ pub async fn run(
 /// read (the frame is not run).
 fn refuse_for_rate(app: &AppState, sid: SessionId, text: &str, started: Instant) {
     let id = reply_id(text);
+    if relay(app, sid, started, id, || crate::cluster::Msg::Refuse {
+        sid: sid.0,
+        id,
+    }) {
+        return;
+    }
+    refuse(app, sid, id, started);
+}
+
+/// Answers `rate_limited` for the frame with request ID `id` in its place in the reply order.
+pub(super) fn refuse(app: &AppState, sid: SessionId, id: Option<u64>, started: Instant) {
     let e = ApiError::new(ErrorCode::RateLimited, "too many requests");
     let h = Arc::clone(&app.hub);
     let _ = app
@@ -252,7 +263,48 @@ fn reply_id(text: &str) -> Option<u64> {
     serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id)
 }
 
-async fn on_text(app: &AppState, sid: SessionId, text: &str, started: Instant) {
+/// On a node that does not own the calls: sends what `msg` makes to the owner and returns `true`
+/// (with no owner known, answers `unavailable` for request `id`). `false`: run it here.
+fn relay(
+    app: &AppState,
+    sid: SessionId,
+    started: Instant,
+    id: Option<u64>,
+    msg: impl FnOnce() -> crate::cluster::Msg,
+) -> bool {
+    let hub = &app.hub;
+    match hub.relay_to() {
+        None => false,
+        Some(Some(owner)) => {
+            hub.send_to_node(owner, msg());
+            true
+        }
+        Some(None) => {
+            let e = ApiError::new(
+                ErrorCode::Unavailable,
+                "no node owns the calls right now (one is taking over); nothing was changed, try again in a moment",
+            );
+            hub.send_reply(sid, id, "relay", started, &Err(e));
+            true
+        }
+    }
+}
+
+/// Runs one text frame of a session (here, or on the owner of the calls).
+pub(super) async fn on_text(app: &AppState, sid: SessionId, text: &str, started: Instant) {
+    if relay(app, sid, started, reply_id(text), || {
+        crate::cluster::Msg::Request {
+            sid: sid.0,
+            text: text.to_owned(),
+        }
+    }) {
+        return;
+    }
+    run_text(app, sid, text, started).await;
+}
+
+/// Runs one text frame on the node that owns the calls.
+pub(super) async fn run_text(app: &AppState, sid: SessionId, text: &str, started: Instant) {
     let hub = &app.hub;
     let req = match parse_request(text) {
         Ok(r) => r,
@@ -312,6 +364,13 @@ async fn feed(socket: &mut WebSocket, out: Outbound, seq: &mut u64) -> bool {
             format!("{{\"event\":\"{name}\",\"seq\":{},\"data\":{data}}}", *seq)
         }
         Outbound::Reply(text) => text,
+        Outbound::Frame(body) => {
+            *seq += 1;
+            match body.strip_prefix('{') {
+                Some(rest) => format!("{{\"seq\":{},{rest}", *seq),
+                None => return true,
+            }
+        }
         Outbound::Close(code, reason) => {
             close_with(socket, code, reason).await;
             return false;

@@ -527,9 +527,17 @@ impl Signaling {
         name: Option<String>,
     ) -> Output {
         let mut out = Output::default();
+        // A session that registers again (a cluster node resyncing its sessions) only gets the
+        // replay; one that changed users (never, from the shell) is first taken out.
+        let again = self.sessions.get(&session) == Some(&user);
+        if !again && self.sessions.contains_key(&session) {
+            let _ = self.disconnect(now, session);
+        }
         self.sessions.insert(session, user.clone());
         let p = self.users.entry(user.clone()).or_default();
-        p.sessions.push(session);
+        if !again {
+            p.sessions.push(session);
+        }
         p.offline_since = None;
         if name.is_some() {
             p.name = name;

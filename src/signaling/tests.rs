@@ -1102,6 +1102,30 @@ fn reconnecting_within_the_grace_keeps_the_call() {
 }
 
 #[test]
+fn a_session_registering_again_gets_the_replay_and_stays_one_session() {
+    // A cluster node resyncing its sessions with the owner registers each again.
+    let mut h = H::new();
+    let a = h.connect("alice");
+    let b = h.connect("bob");
+    let call = h.invite(a, &["bob"], "general");
+    h.take(b);
+    let out = h.core.connect(h.now, b, uid("bob"), None);
+    h.absorb(out);
+    let replay = h.take(b);
+    assert!(
+        replay
+            .iter()
+            .any(|e| e.name() == "call_invitation_received"),
+        "the ringing invitation is replayed: {replay:?}"
+    );
+    assert_eq!(h.core.sessions_of(&uid("bob")), &[b]);
+    // One disconnect takes the user offline: the session was not counted twice.
+    h.disconnect(b);
+    assert!(!h.core.is_online(&uid("bob")));
+    assert_eq!(h.state(&call, "bob"), UserState::Received);
+}
+
+#[test]
 fn an_accepted_user_gone_past_the_grace_quits_an_advanced_call() {
     let mut h = H::new();
     let a = h.connect("alice");

@@ -114,6 +114,16 @@ CREATE TABLE webhook_dead (
 ALTER TABLE calls ADD COLUMN node TEXT NOT NULL DEFAULT '';
 CREATE INDEX calls_started ON calls(node, seq) WHERE state = 'started';
 "#,
+    r#"
+CREATE TABLE cluster_owner (
+    id    INT PRIMARY KEY CHECK (id = 1),
+    epoch BIGINT NOT NULL,
+    node  TEXT NOT NULL,
+    since BIGINT NOT NULL
+);
+INSERT INTO cluster_owner (id, epoch, node, since) VALUES (1, 0, '', 0);
+CREATE SEQUENCE node_index START 1;
+"#,
 ];
 
 /// Serialises migrations of one database between nodes starting at once.
@@ -172,6 +182,9 @@ pub(super) struct Postgres {
     config: postgres::Config,
     conn: Option<Conn>,
     lock_timeout: Duration,
+    /// The cluster ownership epoch this node holds: batches that write calls commit only while
+    /// `cluster_owner` still names it (see [`OwnerLock`]).
+    fence: Option<i64>,
 }
 
 impl Postgres {
@@ -187,6 +200,7 @@ impl Postgres {
             config,
             conn: None,
             lock_timeout: Duration::from_secs(5),
+            fence: None,
         };
         db.migrate()?;
         Ok(db)
@@ -380,8 +394,9 @@ impl Backend for Postgres {
         let u_tiers: Vec<&str> = b.usage.iter().map(|r| r.tier.as_str()).collect();
         let now = b.now_ms as i64;
         let node = b.node;
+        let fence = self.fence.filter(|_| !b.calls.is_empty());
 
-        self.with(|c| {
+        let fenced = self.with(|c| {
             let upsert_calls = c.prepare(
                 "INSERT INTO calls (call_id, caller, mode, state, extended_data, timeout_secs, \
                  create_time, end_time, end_reason, node) \
@@ -415,6 +430,16 @@ impl Backend for Postgres {
                  ON CONFLICT (event_id, url) DO NOTHING",
             )?;
             let mut tx = c.client.transaction()?;
+            if let Some(mine) = fence {
+                // FOR SHARE waits for a takeover in progress and keeps one from committing
+                // under this batch.
+                let epoch: i64 = tx
+                    .query_one("SELECT epoch FROM cluster_owner WHERE id = 1 FOR SHARE", &[])?
+                    .try_get(0)?;
+                if epoch != mine {
+                    return Ok(Err(epoch));
+                }
+            }
             if !ev_ids.is_empty() {
                 tx.execute(&enqueue, &[&ev_ids, &ev_urls, &ev_bodies, &now])?;
             }
@@ -471,16 +496,18 @@ impl Backend for Postgres {
                 )?;
             }
             tx.commit()?;
-            Ok((seqs, n))
-        })
-        .and_then(|(seqs, n)| {
-            if seqs.contains(&-1) {
-                return Err(StoreError::Corrupt(
-                    "a written call has no row ID".to_owned(),
-                ));
-            }
-            Ok((seqs, n))
-        })
+            Ok(Ok((seqs, n)))
+        })?;
+        fenced
+            .map_err(|epoch| StoreError::Fenced { epoch })
+            .and_then(|(seqs, n)| {
+                if seqs.contains(&-1) {
+                    return Err(StoreError::Corrupt(
+                        "a written call has no row ID".to_owned(),
+                    ));
+                }
+                Ok((seqs, n))
+            })
     }
 
     fn prune_history(&mut self, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
@@ -507,6 +534,20 @@ impl Backend for Postgres {
 
     fn started_calls(&mut self, node: &str) -> Result<Vec<(i64, CallRecord)>, StoreError> {
         self.calls_where("state = 'started' AND node = $1", &[&node], usize::MAX)
+    }
+
+    fn set_fence(&mut self, epoch: Option<i64>) {
+        self.fence = epoch;
+    }
+
+    fn adopt_started_calls(&mut self, node: &str) -> Result<usize, StoreError> {
+        let n = self.with(|c| {
+            c.execute(
+                "UPDATE calls SET node = $1 WHERE state = 'started' AND node <> $1",
+                &[&node],
+            )
+        })?;
+        Ok(n as usize)
     }
 
     fn probe(&mut self, now_ms: u64) -> Result<(), StoreError> {
@@ -878,5 +919,146 @@ impl<'a> UserColumns<'a> {
         self.deadline.push(u.deadline as i64);
         self.accept_time.push(u.accept_time as i64);
         self.leave_time.push(u.leave_time as i64);
+    }
+}
+
+/// Ownership of the cluster's calls, held through PostgreSQL: a session advisory lock on a
+/// connection of its own (released by the server when that connection ends, so a node killed
+/// with -9 frees it at once) and an epoch in `cluster_owner`, raised by each new owner, that
+/// fences the writes of an owner that lost the lock without knowing it (see `write_batch`).
+///
+/// Blocking, like the rest of this driver: use it from a thread of its own.
+pub struct OwnerLock {
+    config: postgres::Config,
+    client: Option<Client>,
+    held: bool,
+}
+
+impl std::fmt::Debug for OwnerLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnerLock")
+            .field("held", &self.held)
+            .finish()
+    }
+}
+
+/// The lock's key, scoped to the schema so that clusters on one database (and the tests' schemas)
+/// do not share it.
+const OWNER_LOCK: &str = "hashtextextended(current_schema() || ' cluster owner', 0)";
+
+impl OwnerLock {
+    /// A lock on the database `url` names; connects on first use.
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e: postgres::Error| StoreError::Url(e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.application_name("switchboard owner lock");
+        // A peer that vanishes from the network is noticed in seconds, not hours.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(2));
+        config.keepalives_interval(Duration::from_secs(1));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(Duration::from_secs(5));
+        Ok(Self {
+            config,
+            client: None,
+            held: false,
+        })
+    }
+
+    fn client(&mut self) -> Result<&mut Client, StoreError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.held = false;
+            let mut c = self.config.connect(NoTls)?;
+            c.batch_execute(&format!(
+                "SET statement_timeout = {}",
+                STATEMENT_TIMEOUT.as_millis()
+            ))?;
+            self.client = Some(c);
+        }
+        self.client.as_mut().ok_or(StoreError::Closed)
+    }
+
+    /// A number no other node of the cluster has had (for session IDs that name their node).
+    pub fn next_node_index(&mut self) -> Result<i64, StoreError> {
+        let r = self
+            .client()?
+            .query_one("SELECT nextval('node_index')", &[]);
+        self.check(r)?.try_get(0).map_err(StoreError::from)
+    }
+
+    /// Tries to become the owner as `node`: `Some(epoch)` when this connection now holds the lock
+    /// and `cluster_owner` names this node at the new epoch; `None` when another node holds it.
+    pub fn try_acquire(&mut self, node: &str, now_ms: u64) -> Result<Option<i64>, StoreError> {
+        let c = self.client()?;
+        let got = c.query_one(&format!("SELECT pg_try_advisory_lock({OWNER_LOCK})"), &[]);
+        let got: bool = self.check(got)?.try_get(0)?;
+        if !got {
+            return Ok(None);
+        }
+        self.held = true;
+        let c = self.client()?;
+        let row = c.query_one(
+            "UPDATE cluster_owner SET epoch = epoch + 1, node = $1, since = $2 WHERE id = 1 \
+             RETURNING epoch",
+            &[&node, &(now_ms as i64)],
+        );
+        Ok(Some(self.check(row)?.try_get(0)?))
+    }
+
+    /// Whether this connection still holds the lock (it answers, and nobody raised the epoch).
+    pub fn still_held(&mut self, epoch: i64) -> Result<bool, StoreError> {
+        if !self.held {
+            return Ok(false);
+        }
+        let c = self.client()?;
+        let row = c.query_one("SELECT epoch FROM cluster_owner WHERE id = 1", &[]);
+        let now: i64 = self.check(row)?.try_get(0)?;
+        Ok(now == epoch)
+    }
+
+    /// After the lock's connection broke: takes the lock again if nobody took the calls over
+    /// meanwhile (the epoch is still `epoch`). `false`: another node owns them now.
+    pub fn reacquire(&mut self, node: &str, epoch: i64) -> Result<bool, StoreError> {
+        let c = self.client()?;
+        let got = c.query_one(&format!("SELECT pg_try_advisory_lock({OWNER_LOCK})"), &[]);
+        let got: bool = self.check(got)?.try_get(0)?;
+        if !got {
+            return Ok(false);
+        }
+        let (owner, now) = self.owner()?;
+        if now == epoch && owner == node {
+            self.held = true;
+            Ok(true)
+        } else {
+            self.release();
+            Ok(false)
+        }
+    }
+
+    /// The owner in the database: its node name and epoch.
+    pub fn owner(&mut self) -> Result<(String, i64), StoreError> {
+        let row = self
+            .client()?
+            .query_one("SELECT node, epoch FROM cluster_owner WHERE id = 1", &[]);
+        let row = self.check(row)?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
+    /// Lets go of the lock by closing the connection (a drain, a shutdown).
+    pub fn release(&mut self) {
+        self.client = None;
+        self.held = false;
+    }
+
+    fn check<T>(&mut self, r: Result<T, postgres::Error>) -> Result<T, StoreError> {
+        if r.is_err() && self.client.as_ref().is_some_and(Client::is_closed) {
+            self.client = None;
+            self.held = false;
+        }
+        Ok(r?)
     }
 }

@@ -442,6 +442,14 @@ impl Writer {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     metrics::counter!(m::STORAGE_ERRORS, "op" => "commit").increment(1);
+                    if let StoreError::Fenced { epoch } = e {
+                        // No retry can succeed: another node owns the calls now.
+                        tracing::error!(
+                            epoch,
+                            "storage write refused: another node owns the calls"
+                        );
+                        return Err(e);
+                    }
                     if start.elapsed() + backoff >= self.write_timeout {
                         tracing::error!(error = %e, attempt, "storage write failed; giving up on the batch");
                         return Err(e);

@@ -4,6 +4,7 @@
 pub mod media;
 pub mod pg;
 pub mod process;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::time::Duration;

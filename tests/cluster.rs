@@ -1,0 +1,332 @@
+//! Several server processes as one cluster (`[cluster] redis_url`), on one PostgreSQL store and one
+//! Redis, each test with servers of its own: users connected to different nodes call each other
+//! with every rule of one node (ringing, busy, several devices, races, history), and the calls
+//! survive the death of the node that owns them.
+//!
+//! Needs the test PostgreSQL server (`SWITCHBOARD_TEST_POSTGRES`, started by scripts/test) and
+//! redis-server; without them the tests are skipped, except under CI, where they fail.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::WAIT;
+use common::process::{Proc, free_port, start_logging};
+use common::redis::Redis;
+use serde_json::{Value, json};
+use switchboard::client::signal::SignalClient;
+
+/// A cluster's shared services.
+struct Shared {
+    dir: tempfile::TempDir,
+    pg: String,
+    redis: Redis,
+}
+
+fn shared() -> Option<Shared> {
+    common::pg::server()?;
+    if !common::redis::available() {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pg = common::pg::schema_url(&dir.path().join("cluster")).expect("schema");
+    let redis = Redis::start(&dir.path().join("redis"));
+    Some(Shared { dir, pg, redis })
+}
+
+impl Shared {
+    /// Starts node `name`; it is ready once the calls have an owner (itself or another).
+    async fn node(&self, name: &str) -> Proc {
+        self.node_with(name, &[]).await
+    }
+
+    async fn node_with(&self, name: &str, extra: &[(&str, String)]) -> Proc {
+        let mut env = vec![
+            ("SWITCHBOARD_STORAGE_URL", self.pg.clone()),
+            ("SWITCHBOARD_SERVER_NODE_ID", name.to_owned()),
+            ("SWITCHBOARD_CLUSTER_REDIS_URL", self.redis.url.clone()),
+            ("SWITCHBOARD_CLUSTER_NODE_TTL", "2".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
+        let log = self.dir.path().join(format!("{name}.log"));
+        start_logging(
+            &self.dir.path().join(format!("{name}.db")),
+            free_port(),
+            &env,
+            Some(&log),
+        )
+        .await
+    }
+}
+
+async fn admin(p: &Proc, path: &str) -> Value {
+    reqwest::Client::new()
+        .get(p.url(path))
+        .bearer_auth(common::process::token("ops", true))
+        .send()
+        .await
+        .expect("admin request")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// Waits until `p`'s registry lists `n` live nodes, and returns its view.
+async fn until_nodes(p: &Proc, n: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = admin(p, "/v1/cluster").await;
+        if v["nodes"].as_array().map_or(0, Vec::len) == n {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{n} nodes never listed: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The state of `user` in the call as the event says, if it names them.
+fn state_of(ev: &Value, user: &str) -> Option<String> {
+    ev["users"]
+        .as_array()?
+        .iter()
+        .find(|u| u["user_id"] == user)
+        .and_then(|u| u["state"].as_str())
+        .map(str::to_owned)
+}
+
+/// Waits for a `call_user_state_changed` that puts `user` in `state`.
+async fn until_state(c: &mut SignalClient, user: &str, state: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ev = c
+            .wait_for("call_user_state_changed", left)
+            .await
+            .unwrap_or_else(|e| panic!("{user} never became {state}: {e}"));
+        if state_of(&ev.data, user).as_deref() == Some(state) {
+            return ev.data;
+        }
+    }
+}
+
+/// A user's state in a call as the admin API shows it.
+fn user_state(call: &Value, user: &str) -> String {
+    state_of(call, user).unwrap_or_else(|| panic!("{user} is not in the call: {call}"))
+}
+
+fn code(r: Result<Value, switchboard::client::signal::ClientError>) -> String {
+    match r {
+        Err(switchboard::client::signal::ClientError::Api { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn skip() {
+    eprintln!("no test PostgreSQL or no redis-server: skipped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_different_nodes_call_each_other_as_on_one_node() {
+    let Some(s) = shared() else { return skip() };
+    let a = s.node("node-a").await;
+    let b = s.node("node-b").await;
+    let c = s.node("node-c").await;
+    let view = until_nodes(&a, 3).await;
+    assert_eq!(
+        view["owner"]["node_id"], "node-a",
+        "the first node owns the calls: {view}"
+    );
+    let view_b = until_nodes(&b, 3).await;
+    assert_eq!(
+        view_b["owner"]["node_id"], "node-a",
+        "every node knows the owner: {view_b}"
+    );
+
+    // Alice on A calls Bob on B and Carol on C.
+    let mut alice = a.client("alice").await;
+    let mut bob = b.client("bob").await;
+    let mut carol = c.client("carol").await;
+    let r = alice
+        .request(
+            "call_invite",
+            json!({"invitees": ["bob", "carol"], "timeout": 30, "extended_data": "hi"}),
+        )
+        .await
+        .expect("invite across nodes");
+    let call = r["call_id"].as_str().expect("call_id").to_owned();
+    for (who, client) in [("bob", &mut bob), ("carol", &mut carol)] {
+        let ev = client
+            .wait_for("call_invitation_received", WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{who} is not rung on another node: {e}"));
+        assert_eq!(ev.data["call_id"], call.as_str());
+        assert_eq!(ev.data["caller"], "alice");
+        assert_eq!(ev.data["extended_data"], "hi");
+    }
+    until_state(&mut alice, "bob", "received").await;
+
+    // Bob has a second device, on A: it rings too, and stops when the first answers.
+    let mut bob2 = a.client("bob").await;
+    let replay = bob2
+        .wait_for("call_invitation_received", WAIT)
+        .await
+        .expect("a device that connects later is rung");
+    assert_eq!(replay.data["call_id"], call.as_str());
+
+    // Dave on C is busy-checked against a call owned elsewhere: Bob is ringing, so busy.
+    let dave = c.client("dave").await;
+    let r = dave
+        .request("call_invite", json!({"invitees": ["bob"], "timeout": 30}))
+        .await
+        .expect("invite");
+    let busy_call = r["call_id"].as_str().expect("id").to_owned();
+    let dave_call = admin(&b, &format!("/v1/calls/{busy_call}")).await;
+    assert_eq!(
+        user_state(&dave_call, "bob"),
+        "busy",
+        "bob is busy across nodes: {dave_call}"
+    );
+
+    // Accept on B and reject on C race nothing: both answers land, in one order for everyone.
+    let (acc, rej) = tokio::join!(
+        bob.request("call_accept", json!({"call_id": call})),
+        carol.request("call_reject", json!({"call_id": call})),
+    );
+    acc.expect("bob accepts");
+    rej.expect("carol rejects");
+    until_state(&mut alice, "bob", "accepted").await;
+    until_state(&mut bob2, "bob", "accepted").await;
+
+    // Alice is in a call now: her own invitation is refused, whichever node she is on.
+    let r = alice
+        .request("call_invite", json!({"invitees": ["carol"], "timeout": 30}))
+        .await;
+    assert_eq!(code(r), "busy");
+
+    // Cancel racing accept, across nodes: exactly one wins.
+    let erin = c.client("erin").await;
+    let mut frank = b.client("frank").await;
+    let r = erin
+        .request("call_invite", json!({"invitees": ["frank"], "timeout": 30}))
+        .await
+        .expect("erin invites frank");
+    let race = r["call_id"].as_str().expect("id").to_owned();
+    frank
+        .wait_for("call_invitation_received", WAIT)
+        .await
+        .expect("frank rings");
+    let (cancel, accept) = tokio::join!(
+        erin.request("call_cancel", json!({"call_id": race})),
+        frank.request("call_accept", json!({"call_id": race})),
+    );
+    assert!(
+        cancel.is_ok() != accept.is_ok(),
+        "one of cancel and accept wins: {cancel:?} {accept:?}"
+    );
+    let final_state = admin(&a, &format!("/v1/calls/{race}")).await;
+    let frank_state = user_state(&final_state, "frank");
+    assert_eq!(
+        frank_state,
+        if accept.is_ok() {
+            "accepted"
+        } else {
+            "cancelled"
+        },
+        "everyone sees the winner: {final_state}"
+    );
+
+    // History from any node.
+    for (node, client) in [("C", &carol), ("B", &bob)] {
+        let page = client
+            .request("query_call_list", json!({"count": 10}))
+            .await
+            .expect("history");
+        let ids: Vec<&str> = page["calls"]
+            .as_array()
+            .expect("calls")
+            .iter()
+            .filter_map(|c| c["call_id"].as_str())
+            .collect();
+        assert!(ids.contains(&call.as_str()), "history on {node}: {page}");
+    }
+
+    // Timeouts fire for invitees on other nodes.
+    let r = dave
+        .request("call_invite", json!({"invitees": ["gina"], "timeout": 1}))
+        .await
+        .expect("invite an offline user");
+    let lonely = r["call_id"].as_str().expect("id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = admin(&b, &format!("/v1/calls/{lonely}")).await;
+        if v["state"] == "ended" {
+            assert_eq!(user_state(&v, "gina"), "timeout", "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the timeout never fired: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((a, b, c));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ringing_call_survives_kill_9_of_its_owner() {
+    let Some(s) = shared() else { return skip() };
+    let mut a = s.node("node-a").await;
+    let b = s.node("node-b").await;
+    let c = s.node("node-c").await;
+    until_nodes(&b, 3).await;
+    let view = admin(&b, "/v1/cluster").await;
+    assert_eq!(view["owner"]["node_id"], "node-a", "{view}");
+
+    let mut alice = b.client("alice").await;
+    let mut bob = c.client("bob").await;
+    let r = alice
+        .request("call_invite", json!({"invitees": ["bob"], "timeout": 20}))
+        .await
+        .expect("invite");
+    let call = r["call_id"].as_str().expect("id").to_owned();
+    bob.wait_for("call_invitation_received", WAIT)
+        .await
+        .expect("bob rings");
+    until_state(&mut alice, "bob", "received").await;
+
+    let killed = Instant::now();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(a.child.id() as i32, libc::SIGKILL) };
+    let _ = a.child.wait();
+
+    // Another node takes the calls over.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let owner = loop {
+        let v = admin(&b, "/v1/cluster").await;
+        let o = v["owner"]["node_id"].as_str().unwrap_or("").to_owned();
+        if o == "node-b" || o == "node-c" {
+            break o;
+        }
+        assert!(Instant::now() < deadline, "nobody took the calls over: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = killed.elapsed();
+    eprintln!("{owner} owns the calls {took:?} after kill -9 of the owner");
+
+    // Bob still rings (the replay after the resync says so), and his answer reaches Alice.
+    let r = loop {
+        match bob.request("call_accept", json!({"call_id": call})).await {
+            Err(e) if e.to_string().contains("unavailable") => {
+                assert!(Instant::now() < deadline, "accept never went through: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other,
+        }
+    };
+    r.expect("bob accepts after the takeover");
+    until_state(&mut alice, "bob", "accepted").await;
+    let v = admin(&c, &format!("/v1/calls/{call}")).await;
+    assert_eq!(user_state(&v, "bob"), "accepted", "{v}");
+    assert!(
+        took < Duration::from_secs(5),
+        "takeover took {took:?}: the lock is freed when the owner dies"
+    );
+}
