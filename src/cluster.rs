@@ -159,6 +159,46 @@ pub enum Msg {
         /// What.
         out: Out,
     },
+    /// To a room's node, from the owner: run this `rtc_*` frame of a session as `user` (the owner
+    /// checked they may; the room's node answers the session itself).
+    Media {
+        /// The session.
+        sid: u64,
+        /// Its user.
+        user: String,
+        /// The frame.
+        text: String,
+    },
+    /// To the owner, from a room's node: the room's participant count changed.
+    RoomChanged {
+        /// The room (call ID).
+        call: String,
+        /// Participants now.
+        participants: usize,
+        /// When (ms).
+        at: u64,
+    },
+    /// To the owner, from a room's node: a user hung up (`rtc_leave`) or joined again.
+    HungUp {
+        /// The call.
+        call: String,
+        /// The user.
+        user: String,
+        /// Hung up (`true`) or joined (`false`).
+        hung_up: bool,
+    },
+    /// To a room's node, from the owner: take the user out of the room.
+    LeaveRoom {
+        /// The room.
+        call: String,
+        /// The user.
+        user: String,
+    },
+    /// To a room's node, from the owner: close the room.
+    CloseRoom {
+        /// The room.
+        call: String,
+    },
     /// To every node: the calls have a new owner.
     OwnerChanged {
         /// It.
@@ -245,6 +285,12 @@ fn key_node(id: &str) -> String {
     format!("sb:node:{id}")
 }
 const KEY_NODES: &str = "sb:nodes";
+fn key_room(call: &str) -> String {
+    format!("sb:room:{call}")
+}
+/// How long a room's placement is kept without its room closing (a day: a placement on a node
+/// that is gone is replaced at the next join anyway).
+const ROOM_TTL_MS: u64 = 86_400_000;
 const KEY_OWNER: &str = "sb:owner";
 fn channel(index: u32) -> String {
     format!("sb:n:{index}")
@@ -642,6 +688,75 @@ impl Cluster {
             .zrem(KEY_NODES, &self.node_id)
             .query_async(&mut redis)
             .await;
+    }
+
+    /// The node a room is on, from Redis (`sb:room:<call>`), if it was placed and that node is live.
+    pub async fn room_node(&self, call: &str) -> Option<u32> {
+        let mut redis = self.redis.clone();
+        let got: Option<u32> = redis.get(key_room(call)).await.ok().flatten();
+        got.filter(|i| self.is_live(*i))
+    }
+
+    /// Places a room on `node` unless it already is on a live one (a lock per room: the first
+    /// placement wins); returns where the room is. Without Redis, `node`.
+    pub async fn place_room(&self, call: &str, node: u32) -> u32 {
+        let mut redis = self.redis.clone();
+        let key = key_room(call);
+        for _ in 0..2 {
+            let set: Result<bool, _> = redis::cmd("SET")
+                .arg(&key)
+                .arg(node)
+                .arg("NX")
+                .arg("PX")
+                .arg(ROOM_TTL_MS)
+                .query_async(&mut redis)
+                .await
+                .map(|v: Option<String>| v.is_some());
+            match set {
+                Ok(true) | Err(_) => return node,
+                Ok(false) => {
+                    let cur: Option<u32> = redis.get(&key).await.ok().flatten();
+                    match cur {
+                        Some(c) if self.is_live(c) => return c,
+                        // Placed on a node that is gone: take the key over.
+                        _ => {
+                            let _: Result<(), _> = redis.del(&key).await;
+                        }
+                    }
+                }
+            }
+        }
+        node
+    }
+
+    /// Forgets where a closed room was.
+    pub async fn forget_room(&self, call: &str) {
+        let mut redis = self.redis.clone();
+        let _: Result<(), _> = redis.del(key_room(call)).await;
+    }
+
+    /// Whether node `index` was live at the last heartbeat (this node always is).
+    pub fn is_live(&self, index: u32) -> bool {
+        index == self.index || self.nodes.lock().is_ok_and(|n| n.contains_key(&index))
+    }
+
+    /// The live node that should take a new room: not draining, fewest participants plus rooms
+    /// placed since (`placed`), then least CPU; this node when it knows no better.
+    pub fn least_loaded(&self, placed: &HashMap<u32, usize>) -> u32 {
+        let nodes = self.nodes.lock().map(|n| n.clone()).unwrap_or_default();
+        let score = |n: &NodeInfo| {
+            let extra = placed.get(&n.index).copied().unwrap_or(0) as u64;
+            (
+                n.load.participants + 2 * extra,
+                (n.load.cpu * 1000.0) as u64,
+                n.index,
+            )
+        };
+        nodes
+            .values()
+            .filter(|n| !n.draining)
+            .min_by_key(|n| score(n))
+            .map_or(self.index, |n| n.index)
     }
 
     /// The live nodes at the last heartbeat, by name.

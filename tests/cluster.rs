@@ -7,13 +7,17 @@
 //! redis-server; without them the tests are skipped, except under CI, where they fail.
 
 mod common;
+mod sfu_support;
 
 use std::time::{Duration, Instant};
 
 use common::WAIT;
+use common::media::MediaUser;
 use common::process::{Proc, free_port, start_logging};
 use common::redis::Redis;
 use serde_json::{Value, json};
+use sfu_support::{Pump, pump_until};
+use switchboard::client::rtc::TrackSpec;
 use switchboard::client::signal::SignalClient;
 
 /// A cluster's shared services.
@@ -329,4 +333,125 @@ async fn a_ringing_call_survives_kill_9_of_its_owner() {
         took < Duration::from_secs(5),
         "takeover took {took:?}: the lock is freed when the owner dies"
     );
+}
+
+/// Rings `callee` from `caller` and has them accept; returns the call ID.
+async fn accepted_call(caller: &SignalClient, callee: &mut SignalClient, who: &str) -> String {
+    let r = caller
+        .request("call_invite", json!({"invitees": [who], "timeout": 30}))
+        .await
+        .expect("invite");
+    let call = r["call_id"].as_str().expect("id").to_owned();
+    callee
+        .wait_for("call_invitation_received", WAIT)
+        .await
+        .expect("rings");
+    callee
+        .request("call_accept", json!({"call_id": call}))
+        .await
+        .expect("accept");
+    call
+}
+
+/// Rooms each node reports (its heartbeat), by name.
+async fn rooms_by_node(p: &Proc) -> std::collections::HashMap<String, u64> {
+    admin(p, "/v1/cluster").await["nodes"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|n| {
+                    (
+                        n["node_id"].as_str().unwrap_or("").to_owned(),
+                        n["load"]["rooms"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `pub_user` publishes video until `sub_user` has received packets for a second.
+async fn media_flows(publisher: &mut MediaUser, subscriber: &mut MediaUser) {
+    publisher.publish(&[TrackSpec::video()]).await;
+    let p = publisher.publisher.take().expect("published");
+    let mut first: Option<Instant> = None;
+    pump_until(
+        &p,
+        Pump {
+            video: Some(0),
+            ..Pump::default()
+        },
+        Duration::from_secs(15),
+        || {
+            if !subscriber.drain_packets().is_empty() && first.is_none() {
+                first = Some(Instant::now());
+            }
+            first.is_some_and(|t| t.elapsed() >= Duration::from_secs(1))
+        },
+    )
+    .await;
+    assert!(first.is_some(), "no media reached {}", subscriber.user);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_are_placed_by_load_and_replaced_when_their_node_dies() {
+    let Some(s) = shared() else { return skip() };
+    let a = s.node("node-a").await;
+    let mut b = s.node("node-b").await;
+    let c = s.node("node-c").await;
+    until_nodes(&a, 3).await;
+
+    // First room: every node is idle, so it goes to the first (the owner, node A).
+    let u1 = b.client("u1").await;
+    let mut u2 = c.client("u2").await;
+    let call1 = accepted_call(&u1, &mut u2, "u2").await;
+    let (mut m1, _) = MediaUser::join(u1, "u1", &call1).await.expect("join");
+    let (mut m2, _) = MediaUser::join(u2, "u2", &call1).await.expect("join");
+    media_flows(&mut m1, &mut m2).await;
+
+    // Second room: node A has one; the next least loaded is B. Its users are on A and C, the
+    // calls are owned by A: signaling through two nodes, media straight to a third.
+    let u3 = a.client("u3").await;
+    let mut u4 = c.client("u4").await;
+    let call2 = accepted_call(&u3, &mut u4, "u4").await;
+    let (mut m3, _) = MediaUser::join(u3, "u3", &call2).await.expect("join");
+    let (mut m4, _) = MediaUser::join(u4, "u4", &call2).await.expect("join");
+    media_flows(&mut m3, &mut m4).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let rooms = rooms_by_node(&a).await;
+        if rooms.get("node-a") == Some(&1) && rooms.get("node-b") == Some(&1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rooms by node: {rooms:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Node B dies with the second room: its participants are told, join again, and the room is
+    // placed on a live node.
+    b.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+    let told = Instant::now();
+    for m in [&mut m3, &mut m4] {
+        let ev = m
+            .wait_event("rtc_restart", Duration::from_secs(10), |d| {
+                d["call_id"] == call2.as_str()
+            })
+            .await
+            .unwrap_or_else(|| panic!("{} was not told the room is gone", m.user));
+        assert_eq!(ev.data["reason"], "media_node_lost");
+    }
+    eprintln!(
+        "participants told {:?} after kill -9 of the room's node",
+        told.elapsed()
+    );
+    let (mut m3b, _) = MediaUser::join(a.client("u3").await, "u3", &call2)
+        .await
+        .expect("joins again");
+    let (mut m4b, _) = MediaUser::join(c.client("u4").await, "u4", &call2)
+        .await
+        .expect("joins again");
+    media_flows(&mut m3b, &mut m4b).await;
+    let rooms = rooms_by_node(&a).await;
+    assert!(!rooms.contains_key("node-b"), "node B is gone: {rooms:?}");
+    drop((m1, m2));
 }

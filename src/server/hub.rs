@@ -61,6 +61,22 @@ pub enum Outbound {
     Close(u16, &'static str),
 }
 
+impl From<Outbound> for crate::cluster::Out {
+    /// What a session is sent, for the wire between nodes.
+    fn from(out: Outbound) -> Self {
+        use crate::cluster::Out;
+        match out {
+            Outbound::Event(ev) => Out::Event(serde_json::to_string(&*ev).unwrap_or_default()),
+            Outbound::Raw(name, data) => {
+                Out::Event(format!("{{\"event\":\"{name}\",\"data\":{data}}}"))
+            }
+            Outbound::Frame(body) => Out::Event(body),
+            Outbound::Reply(text) => Out::Reply(text),
+            Outbound::Close(code, reason) => Out::Close(code, reason.to_owned()),
+        }
+    }
+}
+
 struct SessionEntry {
     user: UserId,
     /// The display name from the session's token.
@@ -359,10 +375,24 @@ impl Hub {
         self.sessions.len()
     }
 
-    /// Sends to one session, if it is live.
+    /// Sends to one session, if it is live: here, or on its own node (a room's node sends its
+    /// media events and replies straight there).
     pub fn send_to(&self, session: SessionId, out: Outbound) {
         if let Some(s) = self.sessions.get(&session) {
             s.send(out);
+            return;
+        }
+        if let Some(c) = self.cluster.get() {
+            let node = crate::cluster::node_of(session);
+            if node != c.index() {
+                c.send(
+                    node,
+                    crate::cluster::Msg::Deliver {
+                        sid: session.0,
+                        out: crate::cluster::Out::from(out),
+                    },
+                );
+            }
         }
     }
 
@@ -754,8 +784,20 @@ impl Hub {
         }
     }
 
-    /// The media plane reports a room's participant count.
+    /// The media plane reports a room's participant count (to the owner of the calls, from a
+    /// room on another node).
     pub fn room_changed(self: &Arc<Self>, call_id: &CallId, participants: usize, at_ms: u64) {
+        if let Some(Some(owner)) = self.relay_to() {
+            self.send_to_node(
+                owner,
+                crate::cluster::Msg::RoomChanged {
+                    call: call_id.as_str().to_owned(),
+                    participants,
+                    at: at_ms,
+                },
+            );
+            return;
+        }
         let mut core = self.core();
         let out = core.room_changed(at_ms, call_id, participants);
         self.commit(&mut core, at_ms, out, Answer::None);
@@ -763,6 +805,17 @@ impl Hub {
 
     /// A user hung up (`rtc_leave`) or joined a call's room again.
     pub fn hung_up(&self, call_id: &CallId, user: &UserId, hung_up: bool) {
+        if let Some(Some(owner)) = self.relay_to() {
+            self.send_to_node(
+                owner,
+                crate::cluster::Msg::HungUp {
+                    call: call_id.as_str().to_owned(),
+                    user: user.as_str().to_owned(),
+                    hung_up,
+                },
+            );
+            return;
+        }
         self.core().hung_up(call_id, user, hung_up);
     }
 
@@ -854,6 +907,19 @@ impl Hub {
             .ok_or_else(|| ApiError::new(ErrorCode::Internal, "session not registered"))?;
         self.core().may_join_room(&user, call_id)?;
         Ok(user)
+    }
+
+    /// Every session of the users `accepted` in a call (those who may be in its room).
+    pub fn room_sessions(&self, call_id: &CallId) -> Vec<SessionId> {
+        let core = self.core();
+        let Some(call) = core.call(call_id) else {
+            return Vec::new();
+        };
+        call.users
+            .iter()
+            .filter(|u| u.state == crate::signaling::wire::UserState::Accepted)
+            .flat_map(|u| core.sessions_of(&u.user_id).to_vec())
+            .collect()
     }
 
     /// The user of a live session.

@@ -126,6 +126,8 @@ pub struct MediaPlane {
     /// Calls someone tried to join, so the engine may hold their room: only these are closed in
     /// the engine when the call ends (most calls that ring never get a room).
     rooms: DashMap<CallId, ()>,
+    /// In a cluster, on the owner: the node each room was placed on.
+    placed: DashMap<CallId, u32>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -158,6 +160,7 @@ impl MediaPlane {
             hub,
             joined: DashMap::new(),
             rooms: DashMap::new(),
+            placed: DashMap::new(),
             runtime: tokio::runtime::Handle::current(),
         }
     }
@@ -179,8 +182,13 @@ impl MediaPlane {
 
     /// The user driving `call_id`'s participant from this session, after checking they are still
     /// `accepted` in the started call.
-    fn participant(&self, session: SessionId, call_id: &CallId) -> Result<UserId, ApiError> {
-        let user = self.hub.may_join_room(session, call_id)?;
+    fn participant(
+        &self,
+        session: SessionId,
+        call_id: &CallId,
+        auth: &Auth,
+    ) -> Result<UserId, ApiError> {
+        let user = self.may_join(session, call_id, auth)?;
         match self.joined.get(&(call_id.clone(), user.clone())) {
             Some(s) if *s == session => Ok(user),
             _ => Err(ApiError::new(
@@ -190,11 +198,109 @@ impl MediaPlane {
         }
     }
 
-    /// Runs one `rtc_*` op for a session.
-    pub async fn handle(&self, session: SessionId, op: Op) -> Reply {
+    fn may_join(
+        &self,
+        session: SessionId,
+        call_id: &CallId,
+        auth: &Auth,
+    ) -> Result<UserId, ApiError> {
+        match auth {
+            Auth::Core => self.hub.may_join_room(session, call_id),
+            Auth::Vouched(user) => Ok(user.clone()),
+        }
+    }
+
+    /// Runs one `rtc_*` op for a session (`text` is its frame, for a room on another node).
+    /// `None`: the room is on another node, which answers the session itself.
+    pub async fn handle(&self, session: SessionId, op: Op, text: &str) -> Option<Reply> {
+        if let Some(cluster) = self.hub.cluster()
+            && let Some(call_id) = op.call_id().cloned()
+        {
+            match self.room_node(cluster, session, &op, &call_id).await {
+                Err(e) => return Some(Err(e)),
+                Ok(node) if node != cluster.index() => {
+                    let user = if matches!(op, Op::RtcLeave(_)) {
+                        self.hub.session_user(session)
+                    } else {
+                        self.hub.may_join_room(session, &call_id).ok()
+                    };
+                    let Some(user) = user else {
+                        return Some(self.hub.may_join_room(session, &call_id).map(|_| json!({})));
+                    };
+                    self.hub.send_to_node(
+                        node,
+                        crate::cluster::Msg::Media {
+                            sid: session.0,
+                            user: user.as_str().to_owned(),
+                            text: text.to_owned(),
+                        },
+                    );
+                    return None;
+                }
+                Ok(_) => {}
+            }
+        }
+        Some(self.run(session, op, &Auth::Core).await)
+    }
+
+    /// On a room's node: runs an op the owner checked, for `user`.
+    pub async fn handle_vouched(&self, session: SessionId, user: UserId, op: Op) -> Reply {
+        self.run(session, op, &Auth::Vouched(user)).await
+    }
+
+    /// Where the room of `call_id` is (on the owner of the calls): where it was placed, or for a
+    /// join, the least loaded live node. An op other than a join for a room placed nowhere runs
+    /// here (and fails as a single node would).
+    async fn room_node(
+        &self,
+        cluster: &Arc<crate::cluster::Cluster>,
+        session: SessionId,
+        op: &Op,
+        call_id: &CallId,
+    ) -> Result<u32, ApiError> {
+        if let Some(n) = self.placed.get(call_id).map(|n| *n)
+            && cluster.is_live(n)
+        {
+            return Ok(n);
+        }
+        if let Some(n) = cluster.room_node(call_id.as_str()).await {
+            self.placed.insert(call_id.clone(), n);
+            return Ok(n);
+        }
+        if !matches!(op, Op::RtcJoin(_)) {
+            return Ok(cluster.index());
+        }
+        // Only someone who may join places the room.
+        self.hub.may_join_room(session, call_id)?;
+        let mut counts = std::collections::HashMap::new();
+        for p in self.placed.iter() {
+            *counts.entry(*p.value()).or_insert(0usize) += 1;
+        }
+        let choice = cluster.least_loaded(&counts);
+        let node = cluster.place_room(call_id.as_str(), choice).await;
+        self.placed.insert(call_id.clone(), node);
+        tracing::info!(call_id = %call_id, node, "room placed");
+        Ok(node)
+    }
+
+    /// Rooms placed on node `index` (which is gone): forgotten, and returned.
+    pub fn rooms_lost(&self, index: u32) -> Vec<CallId> {
+        let lost: Vec<CallId> = self
+            .placed
+            .iter()
+            .filter(|p| *p.value() == index)
+            .map(|p| p.key().clone())
+            .collect();
+        for c in &lost {
+            self.placed.remove(c);
+        }
+        lost
+    }
+
+    async fn run(&self, session: SessionId, op: Op, auth: &Auth) -> Reply {
         match op {
             Op::RtcJoin(a) => {
-                let user = self.hub.may_join_room(session, &a.call_id)?;
+                let user = self.may_join(session, &a.call_id, auth)?;
                 if self.hub.draining() {
                     return Err(ApiError::new(
                         ErrorCode::InvalidState,
@@ -210,8 +316,11 @@ impl MediaPlane {
                 self.joined
                     .insert((a.call_id.clone(), user.clone()), session);
                 self.hub.hung_up(&a.call_id, &user, false);
-                // The user may have quit or the call ended while the join ran: undo it.
-                if self.hub.may_join_room(session, &a.call_id).is_err() {
+                // The user may have quit or the call ended while the join ran: undo it. (A room
+                // on a node that does not own the calls hears of that from the owner.)
+                if matches!(auth, Auth::Core)
+                    && self.hub.may_join_room(session, &a.call_id).is_err()
+                {
                     let _ = self.sfu.leave(&a.call_id, &user).await;
                     self.joined.remove(&(a.call_id.clone(), user));
                     return Err(ApiError::new(
@@ -227,7 +336,7 @@ impl MediaPlane {
                 Ok(json!({ "participants": r.participants, "ice_servers": ice_servers }))
             }
             Op::RtcPublish(a) => {
-                let user = self.participant(session, &a.call_id)?;
+                let user = self.participant(session, &a.call_id, auth)?;
                 let answer = self
                     .sfu
                     .publish(&a.call_id, &user, a.sdp)
@@ -236,12 +345,12 @@ impl MediaPlane {
                 Ok(json!({ "sdp": answer }))
             }
             Op::RtcIceRestart(a) => {
-                let user = self.participant(session, &a.call_id)?;
+                let user = self.participant(session, &a.call_id, auth)?;
                 self.sfu.ice_restart(&a.call_id, &user).await.map_err(api)?;
                 Ok(json!({}))
             }
             Op::RtcAnswer(a) => {
-                let user = self.participant(session, &a.call_id)?;
+                let user = self.participant(session, &a.call_id, auth)?;
                 self.sfu
                     .answer(&a.call_id, &user, a.sdp)
                     .await
@@ -249,7 +358,7 @@ impl MediaPlane {
                 Ok(json!({}))
             }
             Op::RtcCandidate(a) => {
-                let user = self.participant(session, &a.call_id)?;
+                let user = self.participant(session, &a.call_id, auth)?;
                 self.sfu
                     .candidate(&a.call_id, &user, a.target, a.candidate)
                     .await
@@ -257,7 +366,7 @@ impl MediaPlane {
                 Ok(json!({}))
             }
             Op::RtcSubscription(a) => {
-                let user = self.participant(session, &a.call_id)?;
+                let user = self.participant(session, &a.call_id, auth)?;
                 self.sfu
                     .subscription(
                         &a.call_id,
@@ -272,15 +381,16 @@ impl MediaPlane {
                 Ok(json!({}))
             }
             Op::RtcLeave(a) => {
-                let user = self
-                    .hub
-                    .session_user(session)
-                    .ok_or_else(|| ApiError::new(ErrorCode::Internal, "session not registered"))?;
+                let user = match auth {
+                    Auth::Core => self.hub.session_user(session),
+                    Auth::Vouched(u) => Some(u.clone()),
+                }
+                .ok_or_else(|| ApiError::new(ErrorCode::Internal, "session not registered"))?;
                 let key = (a.call_id.clone(), user.clone());
                 if self.joined.get(&key).is_none_or(|s| *s != session) {
                     // Someone with nothing to do with the call learns no more from leave than
                     // from the other ops: call_not_found, as for rtc_join.
-                    if let Err(e) = self.hub.may_join_room(session, &a.call_id)
+                    if let Err(e) = self.may_join(session, &a.call_id, auth)
                         && e.code == ErrorCode::CallNotFound
                     {
                         return Err(e);
@@ -325,8 +435,55 @@ impl MediaPlane {
     }
 }
 
+/// Who vouches that a session's user may drive a participant.
+enum Auth {
+    /// The signaling core on this node (it owns the calls).
+    Core,
+    /// The owner of the calls, on another node, checked this user.
+    Vouched(UserId),
+}
+
+impl MediaPlane {
+    /// Where a room placed by this node (the owner) is, when it is on another node.
+    fn remote_room(&self, call_id: &CallId) -> Option<u32> {
+        let me = self.hub.cluster()?.index();
+        self.placed.get(call_id).map(|n| *n).filter(|n| *n != me)
+    }
+
+    /// Takes the user out of a room on this node.
+    pub fn leave_here(&self, call_id: CallId, user_id: UserId) {
+        self.joined.remove(&(call_id.clone(), user_id.clone()));
+        let sfu = self.sfu.clone();
+        self.runtime.spawn(async move {
+            let _ = sfu.leave(&call_id, &user_id).await;
+        });
+    }
+
+    /// Closes a room on this node.
+    pub fn close_here(&self, call_id: CallId) {
+        if self.rooms.remove(&call_id).is_none() {
+            return;
+        }
+        self.joined.retain(|(c, _), _| *c != call_id);
+        let sfu = self.sfu.clone();
+        self.runtime.spawn(async move {
+            sfu.close_room(&call_id).await;
+        });
+    }
+}
+
 impl RoomControl for MediaPlane {
     fn leave(&self, call_id: CallId, user_id: UserId) {
+        if let Some(node) = self.remote_room(&call_id) {
+            self.hub.send_to_node(
+                node,
+                crate::cluster::Msg::LeaveRoom {
+                    call: call_id.as_str().to_owned(),
+                    user: user_id.as_str().to_owned(),
+                },
+            );
+            return;
+        }
         self.joined.remove(&(call_id.clone(), user_id.clone()));
         let sfu = self.sfu.clone();
         self.runtime.spawn(async move {
@@ -335,6 +492,17 @@ impl RoomControl for MediaPlane {
     }
 
     fn close(&self, call_id: CallId) {
+        if let Some(cluster) = self.hub.cluster().cloned()
+            && let Some((_, node)) = self.placed.remove(&call_id)
+        {
+            let call = call_id.as_str().to_owned();
+            if node != cluster.index() {
+                self.hub
+                    .send_to_node(node, crate::cluster::Msg::CloseRoom { call: call.clone() });
+            }
+            self.runtime
+                .spawn(async move { cluster.forget_room(&call).await });
+        }
         if self.rooms.remove(&call_id).is_none() {
             return;
         }

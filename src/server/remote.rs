@@ -17,7 +17,7 @@ use super::AppState;
 use super::hub::{Outbound, now_ms};
 use super::session::{self, Registered};
 use crate::cluster::{Inbox, Load, Msg, Out, node_of};
-use crate::ids::{SessionId, UserId};
+use crate::ids::{CallId, SessionId, UserId};
 use crate::signaling::wire::{ApiError, ErrorCode, reply_frame};
 use crate::signaling::{Rules, Signaling};
 
@@ -35,6 +35,9 @@ pub struct Remote {
     app: AppState,
     /// Sessions on other nodes that this node (the owner) runs.
     sessions: DashMap<SessionId, mpsc::Sender<Inbound>>,
+    /// On a room's node: each session's media ops, run in order (ops of one session depend on
+    /// each other: publish, then candidates).
+    media: DashMap<SessionId, mpsc::Sender<(UserId, String)>>,
     /// For the load figures: the last sample of forwarded packets and CPU time.
     last: Mutex<Option<(Instant, u64, f64)>>,
 }
@@ -45,6 +48,7 @@ impl Remote {
         Arc::new(Self {
             app,
             sessions: DashMap::new(),
+            media: DashMap::new(),
             last: Mutex::new(None),
         })
     }
@@ -102,7 +106,7 @@ impl Remote {
                 out = rx.recv() => {
                     let Some(out) = out else { break };
                     let closing = matches!(out, Outbound::Close(..));
-                    hub.send_to_node(node, Msg::Deliver { sid: sid.0, out: encode(out) });
+                    hub.send_to_node(node, Msg::Deliver { sid: sid.0, out: Out::from(out) });
                     if closing {
                         break;
                     }
@@ -114,6 +118,60 @@ impl Remote {
                 },
             }
         }
+    }
+
+    /// On a room's node: queues a media op the owner vouched for.
+    fn media_op(self: &Arc<Self>, sid: SessionId, user: UserId, text: String) {
+        let mut item = (user, text);
+        for _ in 0..2 {
+            let tx = self
+                .media
+                .entry(sid)
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(INBOUND);
+                    let me = Arc::clone(self);
+                    tokio::spawn(async move { me.run_media(sid, rx).await });
+                    tx
+                })
+                .clone();
+            match tx.try_send(item) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Closed(back)) => {
+                    // The queue's task just ended (idle): start another.
+                    self.media.remove_if(&sid, |_, t| t.is_closed());
+                    item = back;
+                }
+                Err(mpsc::error::TrySendError::Full((_, text))) => {
+                    let e = ApiError::new(ErrorCode::RateLimited, "too many media ops in flight");
+                    let reply = reply_frame(reply_id(&text), &Err(e));
+                    self.app.hub.send_to(sid, Outbound::Reply(reply));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One session's media ops on a room's node; ends after a minute without any.
+    async fn run_media(&self, sid: SessionId, mut rx: mpsc::Receiver<(UserId, String)>) {
+        let idle = std::time::Duration::from_secs(60);
+        while let Ok(Some((user, text))) = tokio::time::timeout(idle, rx.recv()).await {
+            let started = Instant::now();
+            let (id, reply) = match crate::signaling::wire::parse_request(&text) {
+                Ok(req) => {
+                    let name = req.op.name();
+                    let r = self.app.media.handle_vouched(sid, user, req.op).await;
+                    metrics::histogram!(crate::metrics::OP_LATENCY, "op" => name)
+                        .record(started.elapsed().as_secs_f64());
+                    (Some(req.id), r)
+                }
+                Err(fe) => (fe.id, Err(fe.error)),
+            };
+            self.app
+                .hub
+                .send_to(sid, Outbound::Reply(reply_frame(id, &reply)));
+        }
+        rx.close();
+        self.media.remove_if(&sid, |_, t| t.is_closed());
     }
 
     fn frame(&self, from: u32, sid: SessionId, frame: Inbound) {
@@ -151,19 +209,6 @@ fn reply_id(text: &str) -> Option<u64> {
     serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id)
 }
 
-/// What a session is sent, for the wire between nodes.
-fn encode(out: Outbound) -> Out {
-    match out {
-        Outbound::Event(ev) => Out::Event(serde_json::to_string(&*ev).unwrap_or_default()),
-        Outbound::Raw(name, data) => {
-            Out::Event(format!("{{\"event\":\"{name}\",\"data\":{data}}}"))
-        }
-        Outbound::Frame(body) => Out::Event(body),
-        Outbound::Reply(text) => Out::Reply(text),
-        Outbound::Close(code, reason) => Out::Close(code, reason.to_owned()),
-    }
-}
-
 /// The close reasons the owner sends, as the static text the session writer takes.
 fn close_reason(reason: &str) -> &'static str {
     const KNOWN: &[&str] = &[
@@ -196,6 +241,38 @@ impl Inbox for Remote {
             Msg::Refuse { sid, id } if mine(sid) => {
                 self.frame(from, SessionId(sid), Inbound::Refuse(id, Instant::now()));
             }
+            Msg::Media { sid, user, text } => match UserId::parse(&user) {
+                Ok(user) => self.media_op(SessionId(sid), user, text),
+                Err(_) => tracing::warn!(from, "cluster: a media op with a bad user ID dropped"),
+            },
+            Msg::RoomChanged {
+                call,
+                participants,
+                at,
+            } if self.owning() => {
+                if let Ok(call) = CallId::parse(&call) {
+                    self.app.hub.room_changed(&call, participants, at);
+                }
+            }
+            Msg::HungUp {
+                call,
+                user,
+                hung_up,
+            } if self.owning() => {
+                if let (Ok(call), Ok(user)) = (CallId::parse(&call), UserId::parse(&user)) {
+                    self.app.hub.hung_up(&call, &user, hung_up);
+                }
+            }
+            Msg::LeaveRoom { call, user } => {
+                if let (Ok(call), Ok(user)) = (CallId::parse(&call), UserId::parse(&user)) {
+                    self.app.media.leave_here(call, user);
+                }
+            }
+            Msg::CloseRoom { call } => {
+                if let Ok(call) = CallId::parse(&call) {
+                    self.app.media.close_here(call);
+                }
+            }
             Msg::Deliver { sid, out } => {
                 let sid = SessionId(sid);
                 let hub = &self.app.hub;
@@ -222,6 +299,20 @@ impl Inbox for Remote {
     fn node_gone(&self, index: u32) {
         // Its sessions' tasks end, and disconnect them from the core.
         self.sessions.retain(|sid, _| node_of(*sid) != index);
+        // Rooms on it are gone: their participants join again, and the join places the room anew.
+        if self.owning() {
+            for call in self.app.media.rooms_lost(index) {
+                tracing::warn!(call_id = %call, node = index, "room lost with its node; participants told to join again");
+                let data: Arc<str> = Arc::from(
+                    serde_json::json!({"call_id": call, "reason": "media_node_lost"}).to_string(),
+                );
+                for sid in self.app.hub.room_sessions(&call) {
+                    self.app
+                        .hub
+                        .send_to(sid, Outbound::Raw("rtc_restart", Arc::clone(&data)));
+                }
+            }
+        }
     }
 
     fn load(&self) -> Load {

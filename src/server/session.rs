@@ -322,8 +322,10 @@ pub(super) async fn run_text(app: &AppState, sid: SessionId, text: &str, started
     if let Some(media_req) = hub.handle(sid, req, started) {
         let id = media_req.id;
         let name = media_req.op.name();
-        let reply = app.media.handle(sid, media_req.op).await;
-        hub.reply_in_order(sid, id, name, started, reply);
+        // A room on another node answers the session from there.
+        if let Some(reply) = app.media.handle(sid, media_req.op, text).await {
+            hub.reply_in_order(sid, id, name, started, reply);
+        }
     }
 }
 

@@ -599,6 +599,18 @@ impl Op {
             Op::RtcIceRestart(_) => "rtc_ice_restart",
         }
     }
+
+    /// The call whose room a media op is for (`None` for the other ops).
+    pub fn call_id(&self) -> Option<&CallId> {
+        match self {
+            Op::RtcJoin(a) | Op::RtcLeave(a) | Op::RtcIceRestart(a) => Some(&a.call_id),
+            Op::RtcPublish(a) => Some(&a.call_id),
+            Op::RtcAnswer(a) => Some(&a.call_id),
+            Op::RtcCandidate(a) => Some(&a.call_id),
+            Op::RtcSubscription(a) => Some(&a.call_id),
+            _ => None,
+        }
+    }
 }
 
 /// A request frame.

@@ -61,7 +61,7 @@ export class SwitchboardError extends Error {
 const RINGING = new Set(['inviting', 'received', 'offline']);
 const MEDIA_EVENTS = new Set([
   'rtc_offer', 'rtc_candidate', 'participant_joined', 'participant_left', 'track_published',
-  'track_unpublished', 'active_speakers', 'track_resolution', 'billing_tier',
+  'track_unpublished', 'active_speakers', 'track_resolution', 'billing_tier', 'rtc_restart',
 ]);
 const ENDED_CALLS_KEPT = 200;
 
@@ -1163,6 +1163,10 @@ export class Room extends Emitter {
         return;
       case 'rtc_candidate':
         this.#remoteCandidate(d.target, d.candidate);
+        return;
+      case 'rtc_restart':
+        // The room's media node is gone (a cluster): joining again places the room on a live one.
+        this.#restart(d.reason || 'rtc_restart');
         return;
       case 'participant_joined':
         this.#joinedSince?.add(d.user_id);
