@@ -199,6 +199,12 @@ pub enum Msg {
         /// The room.
         call: String,
     },
+    /// To the owner, before a resync's `Connect`s: the sender's live sessions, all of them (any
+    /// other the owner holds for that node is gone: its `Disconnect` was lost).
+    Live {
+        /// The sessions.
+        sids: Vec<u64>,
+    },
     /// To every node: the calls have a new owner.
     OwnerChanged {
         /// It.
@@ -241,6 +247,9 @@ pub trait Inbox: Send + Sync + 'static {
     fn node_gone(&self, index: u32);
     /// This node's load, for its heartbeat.
     fn load(&self) -> Load;
+    /// The rooms open on this node (call IDs): their placement is written again with each
+    /// heartbeat, so that it survives a Redis restart.
+    fn rooms(&self) -> Vec<String>;
     /// This node may take the calls over now, at `epoch` (it holds the lock): restore them from the
     /// store and start applying ops. Returns once that is done (or failed: then `false`, and the
     /// lock is let go so another node may try).
@@ -600,8 +609,13 @@ impl Cluster {
         let every = self.ttl / 5;
         let ttl_ms = self.ttl.as_millis() as u64;
         let mut known: HashSet<u32> = HashSet::new();
+        // Redis restarted (its run_id changed): the registry is empty until every node's next
+        // heartbeat, so nobody is reported gone until a node_ttl has passed.
+        let mut run_id = String::new();
+        let mut grace_until = tokio::time::Instant::now();
         loop {
             let load = self.inbox().map(|i| i.load()).unwrap_or_default();
+            let rooms = self.inbox().map(|i| i.rooms()).unwrap_or_default();
             let me = NodeInfo {
                 node_id: self.node_id.clone(),
                 index: self.index,
@@ -626,6 +640,15 @@ impl Cluster {
                 .ignore()
                 .zrembyscore(KEY_NODES, "-inf", (now.saturating_sub(ttl_ms * 4)) as f64)
                 .ignore();
+                for r in &rooms {
+                    pipe.set_options(
+                        key_room(r),
+                        self.index,
+                        redis::SetOptions::default()
+                            .with_expiration(redis::SetExpiry::PX(ROOM_TTL_MS)),
+                    )
+                    .ignore();
+                }
                 if self.owning()
                     && let Some(o) = self.owner()
                 {
@@ -636,8 +659,11 @@ impl Cluster {
                     )
                     .ignore();
                 }
-                pipe.zrange(KEY_NODES, 0, -1).get(KEY_OWNER);
-                let (ids, owner): (Vec<String>, Option<String>) =
+                pipe.zrange(KEY_NODES, 0, -1)
+                    .get(KEY_OWNER)
+                    .cmd("INFO")
+                    .arg("server");
+                let (ids, owner, info): (Vec<String>, Option<String>, String) =
                     pipe.query_async(&mut redis).await?;
                 let keys: Vec<String> = ids.iter().map(|i| key_node(i)).collect();
                 let infos: Vec<Option<String>> = if keys.is_empty() {
@@ -648,17 +674,34 @@ impl Cluster {
                         .query_async(&mut redis)
                         .await?
                 };
-                Ok::<_, redis::RedisError>((infos, owner))
+                Ok::<_, redis::RedisError>((infos, owner, info))
             };
-            match tokio::time::timeout(every.max(Duration::from_millis(500)), round).await {
-                Ok(Ok((infos, owner))) => {
+            match tokio::time::timeout((self.ttl / 2).max(Duration::from_millis(500)), round).await
+            {
+                Ok(Ok((infos, owner, info))) => {
+                    let id = info
+                        .lines()
+                        .find_map(|l| l.strip_prefix("run_id:"))
+                        .unwrap_or("")
+                        .trim()
+                        .to_owned();
+                    if id != run_id {
+                        if !run_id.is_empty() {
+                            tracing::warn!("cluster: Redis restarted; the registry fills again");
+                            grace_until = tokio::time::Instant::now() + self.ttl;
+                        }
+                        run_id = id;
+                    }
                     let live: HashMap<u32, NodeInfo> = infos
                         .into_iter()
                         .flatten()
                         .filter_map(|t| serde_json::from_str::<NodeInfo>(&t).ok())
                         .map(|n| (n.index, n))
                         .collect();
-                    let now_known: HashSet<u32> = live.keys().copied().collect();
+                    let mut now_known: HashSet<u32> = live.keys().copied().collect();
+                    if tokio::time::Instant::now() < grace_until {
+                        now_known.extend(known.iter().copied());
+                    }
                     for gone in known.difference(&now_known) {
                         tracing::info!(index = gone, "cluster: node gone");
                         self.outboxes.remove(gone);
@@ -796,6 +839,10 @@ impl Cluster {
             };
             match got {
                 None => return,
+                // A draining node is about to stop: it does not take the calls.
+                Some(Ok(Some(_))) if self.draining.load(Ordering::Acquire) && !self.owning() => {
+                    let _ = cmd_tx.send(None);
+                }
                 Some(Ok(Some(epoch))) if !self.owning() => {
                     let Some(inbox) = self.inbox().cloned() else {
                         return;

@@ -27,6 +27,25 @@ struct Shared {
     redis: Redis,
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // A failed test leaves its nodes' logs to read.
+        if std::thread::panicking() {
+            let keep =
+                std::env::temp_dir().join(format!("cluster-test-logs-{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&keep);
+            if let Ok(dir) = std::fs::read_dir(self.dir.path()) {
+                for e in dir.flatten() {
+                    if e.path().extension().is_some_and(|x| x == "log") {
+                        let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+                    }
+                }
+            }
+            eprintln!("node logs kept in {}", keep.display());
+        }
+    }
+}
+
 fn shared() -> Option<Shared> {
     common::pg::server()?;
     if !common::redis::available() {
@@ -49,7 +68,7 @@ impl Shared {
             ("SWITCHBOARD_STORAGE_URL", self.pg.clone()),
             ("SWITCHBOARD_SERVER_NODE_ID", name.to_owned()),
             ("SWITCHBOARD_CLUSTER_REDIS_URL", self.redis.url.clone()),
-            ("SWITCHBOARD_CLUSTER_NODE_TTL", "2".to_owned()),
+            ("SWITCHBOARD_CLUSTER_NODE_TTL", "3".to_owned()),
             ("RUST_LOG", "info".to_owned()),
         ];
         env.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
@@ -397,11 +416,12 @@ async fn media_flows(publisher: &mut MediaUser, subscriber: &mut MediaUser) {
 async fn rooms_are_placed_by_load_and_replaced_when_their_node_dies() {
     let Some(s) = shared() else { return skip() };
     let a = s.node("node-a").await;
-    let mut b = s.node("node-b").await;
+    let b = s.node("node-b").await;
     let c = s.node("node-c").await;
     until_nodes(&a, 3).await;
 
-    // First room: every node is idle, so it goes to the first (the owner, node A).
+    // Users on B and C, the calls owned by A, the room wherever the load says: signaling through
+    // two nodes, media straight to the room's.
     let u1 = b.client("u1").await;
     let mut u2 = c.client("u2").await;
     let call1 = accepted_call(&u1, &mut u2, "u2").await;
@@ -409,49 +429,261 @@ async fn rooms_are_placed_by_load_and_replaced_when_their_node_dies() {
     let (mut m2, _) = MediaUser::join(u2, "u2", &call1).await.expect("join");
     media_flows(&mut m1, &mut m2).await;
 
-    // Second room: node A has one; the next least loaded is B. Its users are on A and C, the
-    // calls are owned by A: signaling through two nodes, media straight to a third.
-    let u3 = a.client("u3").await;
-    let mut u4 = c.client("u4").await;
-    let call2 = accepted_call(&u3, &mut u4, "u4").await;
-    let (mut m3, _) = MediaUser::join(u3, "u3", &call2).await.expect("join");
-    let (mut m4, _) = MediaUser::join(u4, "u4", &call2).await.expect("join");
-    media_flows(&mut m3, &mut m4).await;
+    // Two more calls, their users on A: each room goes to the least loaded node, so the three
+    // rooms are on three nodes.
+    let mut rooms = vec![(call1.clone(), room_node(&a, &call1).await)];
+    let mut media = Vec::new();
+    for (x, y) in [("u3", "u4"), ("u5", "u6")] {
+        let cx = a.client(x).await;
+        let mut cy = a.client(y).await;
+        let call = accepted_call(&cx, &mut cy, y).await;
+        let (mut mx, _) = MediaUser::join(cx, x, &call).await.expect("join");
+        let (mut my, _) = MediaUser::join(cy, y, &call).await.expect("join");
+        media_flows(&mut mx, &mut my).await;
+        rooms.push((call.clone(), room_node(&b, &call).await));
+        media.push((call, [x, y], mx, my));
+    }
+    let mut nodes: Vec<&str> = rooms.iter().map(|(_, n)| n.as_str()).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    assert_eq!(nodes.len(), 3, "one room per node: {rooms:?}");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let rooms = rooms_by_node(&a).await;
-        if rooms.get("node-a") == Some(&1) && rooms.get("node-b") == Some(&1) {
+        let load = rooms_by_node(&a).await;
+        if ["node-a", "node-b", "node-c"]
+            .iter()
+            .all(|n| load.get(*n) == Some(&1))
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "rooms by node: {rooms:?}");
+        assert!(Instant::now() < deadline, "rooms by node: {load:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Node B dies with the second room: its participants are told, join again, and the room is
-    // placed on a live node.
-    b.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+    // The node of one of the last two rooms that does not own the calls dies (-9).
+    let (lost, users, mut p1, mut p2) = {
+        let i = if rooms[1].1 != "node-a" { 0 } else { 1 };
+        let (call, users, mx, my) = media.remove(i);
+        (call, users, mx, my)
+    };
+    let victim = rooms
+        .iter()
+        .find(|(c, _)| *c == lost)
+        .map(|(_, n)| n.clone())
+        .expect("placed");
+    let mut victim_proc = if victim == "node-b" { b } else { c };
+    victim_proc.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
     let told = Instant::now();
-    for m in [&mut m3, &mut m4] {
+    for m in [&mut p1, &mut p2] {
         let ev = m
             .wait_event("rtc_restart", Duration::from_secs(10), |d| {
-                d["call_id"] == call2.as_str()
+                d["call_id"] == lost.as_str()
             })
             .await
             .unwrap_or_else(|| panic!("{} was not told the room is gone", m.user));
         assert_eq!(ev.data["reason"], "media_node_lost");
     }
     eprintln!(
-        "participants told {:?} after kill -9 of the room's node",
+        "participants told {:?} after kill -9 of the room's node ({victim})",
         told.elapsed()
     );
-    let (mut m3b, _) = MediaUser::join(a.client("u3").await, "u3", &call2)
+    drop((p1, p2));
+    // They join again (as the SDK does on rtc_restart): the room is placed on a live node.
+    let (mut q1, _) = MediaUser::join(a.client(users[0]).await, users[0], &lost)
         .await
         .expect("joins again");
-    let (mut m4b, _) = MediaUser::join(c.client("u4").await, "u4", &call2)
+    let (mut q2, _) = MediaUser::join(a.client(users[1]).await, users[1], &lost)
         .await
         .expect("joins again");
-    media_flows(&mut m3b, &mut m4b).await;
-    let rooms = rooms_by_node(&a).await;
-    assert!(!rooms.contains_key("node-b"), "node B is gone: {rooms:?}");
-    drop((m1, m2));
+    media_flows(&mut q1, &mut q2).await;
+    let moved = room_node(&a, &lost).await;
+    assert_ne!(moved, victim, "the room is on a live node now");
+    let load = rooms_by_node(&a).await;
+    assert!(!load.contains_key(&victim), "{victim} is gone: {load:?}");
+    drop((m1, m2, media));
+}
+
+/// The node a call's room is on, as the admin API says (waits for it to be placed).
+async fn room_node(p: &Proc, call: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = admin(p, &format!("/v1/calls/{call}")).await;
+        if let Some(n) = v["room_node"].as_str() {
+            return n.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no room node: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_keeps_media_and_signaling_recovers() {
+    let Some(s) = shared() else { return skip() };
+    let a = s.node("node-a").await;
+    let b = s.node("node-b").await;
+    until_nodes(&a, 2).await;
+    let alice = a.client("alice").await;
+    let mut bob = b.client("bob").await;
+    let call = accepted_call(&alice, &mut bob, "bob").await;
+    let (mut ma, _) = MediaUser::join(alice, "alice", &call).await.expect("join");
+    let (mut mb, _) = MediaUser::join(bob, "bob", &call).await.expect("join");
+    ma.publish(&[TrackSpec::video()]).await;
+    let publisher = ma.publisher.take().expect("published");
+
+    // Video flows; two seconds in, Redis is stopped and started again (empty).
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut restarted: Option<Instant> = None;
+    let mut restart = None;
+    pump_until(
+        &publisher,
+        Pump {
+            video: Some(0),
+            ..Pump::default()
+        },
+        Duration::from_secs(20),
+        || {
+            if !mb.drain_packets().is_empty() {
+                let now = Instant::now();
+                if first.is_some() {
+                    worst = worst.max(now - last);
+                }
+                first.get_or_insert(now);
+                last = now;
+            }
+            if restarted.is_none() && first.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+                restart = Some(s.redis.restart_in_background());
+                restarted = Some(Instant::now());
+            }
+            restarted.is_some_and(|t| t.elapsed() > Duration::from_secs(2))
+        },
+    )
+    .await;
+    assert!(restarted.is_some(), "media never started");
+    restart
+        .expect("restarting")
+        .join()
+        .expect("Redis restarted");
+    eprintln!("longest gap in bob's video across the Redis restart: {worst:?}");
+    assert!(
+        worst < Duration::from_millis(500),
+        "media stalled {worst:?} across the Redis restart"
+    );
+
+    // The sessions stayed up, and signaling between the nodes works again within seconds.
+    ma.sig
+        .request("ping", json!({}))
+        .await
+        .expect("alice's session survived");
+    let carol = b.client("carol").await;
+    let mut dave = a.client("dave").await;
+    let since = restarted.expect("restarted");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = carol
+            .request("call_invite", json!({"invitees": ["dave"], "timeout": 30}))
+            .await;
+        if r.is_ok()
+            && dave
+                .wait_for("call_invitation_received", Duration::from_secs(2))
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "signaling across nodes never recovered: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // An upper bound: the first try comes after two seconds of media.
+    eprintln!(
+        "a call between nodes rings {:?} after the Redis restart began",
+        since.elapsed()
+    );
+    // Both nodes are in the registry again.
+    until_nodes(&b, 2).await;
+}
+
+async fn admin_send(p: &Proc, method: reqwest::Method, path: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .request(method, p.url(path))
+        .bearer_auth(common::process::token("ops", true))
+        .send()
+        .await
+        .expect("admin request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_answers_for_the_cluster_from_any_node_and_drains_one_node() {
+    let Some(s) = shared() else { return skip() };
+    let a = s.node("node-a").await;
+    let mut b = s.node("node-b").await;
+    until_nodes(&a, 2).await;
+    until_nodes(&b, 2).await;
+    let u1 = a.client("u1").await;
+    let mut u2 = b.client("u2").await;
+    let call = accepted_call(&u1, &mut u2, "u2").await;
+    let (mut m1, _) = MediaUser::join(u1, "u1", &call).await.expect("join");
+    let (mut m2, _) = MediaUser::join(u2, "u2", &call).await.expect("join");
+    media_flows(&mut m1, &mut m2).await;
+    let on = room_node(&a, &call).await;
+
+    // Rooms, one room and one call, from either node, wherever the room is.
+    for p in [&a, &b] {
+        let rooms = admin(p, "/v1/rooms").await;
+        let ids: Vec<&str> = rooms["rooms"]
+            .as_array()
+            .expect("rooms")
+            .iter()
+            .filter_map(|r| r["call_id"].as_str())
+            .collect();
+        assert_eq!(ids, [call.as_str()], "every node's rooms, once: {rooms}");
+        let (status, room) =
+            admin_send(p, reqwest::Method::GET, &format!("/v1/rooms/{call}")).await;
+        assert_eq!(status, 200, "{room}");
+        assert_eq!(
+            room["participants"].as_array().map(Vec::len),
+            Some(2),
+            "{room}"
+        );
+        let c = admin(p, &format!("/v1/calls/{call}")).await;
+        assert_eq!(c["room_node"], on.as_str(), "{c}");
+        assert_eq!(c["room"]["call_id"], call.as_str(), "{c}");
+    }
+
+    // A call ended through a node that does not own the calls.
+    let (status, body) =
+        admin_send(&b, reqwest::Method::POST, &format!("/v1/calls/{call}/end")).await;
+    assert_eq!(status, 200, "{body}");
+    let c = admin(&a, &format!("/v1/calls/{call}")).await;
+    assert_eq!(c["state"], "ended", "{c}");
+    let (status, body) =
+        admin_send(&b, reqwest::Method::POST, &format!("/v1/calls/{call}/end")).await;
+    assert_eq!(status, 409, "already ended, as the owner says: {body}");
+
+    // Node B drained from node A: it says so, takes no new rooms, and stops once it has none.
+    let (status, body) =
+        admin_send(&a, reqwest::Method::POST, "/v1/cluster/nodes/node-b/drain").await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Ok(Some(st)) = b.child.try_wait() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node B never stopped after its drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "a drained node exits 0: {exit:?}");
+    let view = until_nodes(&a, 1).await;
+    assert_eq!(view["nodes"][0]["node_id"], "node-a", "{view}");
+    let (status, _) = admin_send(&a, reqwest::Method::POST, "/v1/cluster/nodes/node-x/drain").await;
+    assert_eq!(status, 404, "an unknown node");
 }

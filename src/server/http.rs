@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::hub::now_ms;
+use super::{AppState, peers};
 use crate::auth::{AuthError, Identity};
 use crate::billing::report::{UsageParams, UsageRequest};
 use crate::ids::{CallId, UserId};
@@ -388,6 +388,36 @@ pub async fn dead_webhooks(
     Ok(Json(json!({ "dead_letters": dead, "total": total })))
 }
 
+/// `POST /v1/cluster/nodes/{node_id}/drain`: drains that node (as `POST /v1/admin/drain` on it).
+pub async fn drain_node(
+    State(app): State<AppState>,
+    admin: Admin,
+    headers: axum::http::HeaderMap,
+    raw: Result<Path<String>, PathRejection>,
+) -> Result<Response, HttpError> {
+    let Path(node) =
+        raw.map_err(|_| HttpError::new(StatusCode::NOT_FOUND, "bad_request", "no such node"))?;
+    let me = app
+        .hub
+        .cluster()
+        .map_or(app.hub.config().server.node_id.clone(), |c| {
+            c.node_id().to_owned()
+        });
+    if node == me {
+        return Ok(start_drain(State(app), admin).await.into_response());
+    }
+    match peers::peer_url_by_name(&app, &node) {
+        Some((_, url)) if !peers::forwarded(&headers) => Ok(peers::respond(
+            peers::forward(&url, reqwest::Method::POST, "/v1/admin/drain", &headers).await?,
+        )),
+        _ => Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            "bad_request",
+            format!("no live node named {node:?}"),
+        )),
+    }
+}
+
 /// `GET /v1/cluster`: this node, the owner of the calls and every live node with its load, as the
 /// registry had them at this node's last heartbeat. On a single node: that node alone.
 pub async fn cluster(State(app): State<AppState>, _admin: Admin) -> Json<Value> {
@@ -435,6 +465,7 @@ fn call_id_from_path(raw: Result<Path<String>, PathRejection>) -> Result<CallId,
 pub async fn get_call(
     State(app): State<AppState>,
     _admin: Admin,
+    headers: axum::http::HeaderMap,
     raw: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, HttpError> {
     let id = call_id_from_path(raw)?;
@@ -447,10 +478,24 @@ pub async fn get_call(
         .map_err(HttpError::internal)?
         .map_err(HttpError::internal)?
         .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, "call_not_found", "no such call"))?;
-    let room = app.media.room_info(&id).await;
+    let room = room_anywhere(&app, &id, &headers).await;
+    // In a cluster: the node the call's room is on (null: no room, or this is one node).
+    let room_node = match app.hub.cluster() {
+        Some(c) => c.room_node(id.as_str()).await.and_then(|index| {
+            c.nodes()
+                .into_iter()
+                .find(|n| n.index == index)
+                .map(|n| n.node_id)
+        }),
+        None => None,
+    };
     let mut v = serde_json::to_value(call.info()).map_err(HttpError::internal)?;
     if let Value::Object(o) = &mut v {
         o.insert("room".into(), room.unwrap_or(Value::Null));
+        o.insert(
+            "room_node".into(),
+            room_node.map_or(Value::Null, Value::String),
+        );
     }
     Ok(Json(v))
 }
@@ -459,11 +504,30 @@ pub async fn get_call(
 pub async fn end_call(
     State(app): State<AppState>,
     _admin: Admin,
+    headers: axum::http::HeaderMap,
     raw: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Response, HttpError> {
     let id = call_id_from_path(raw)?;
+    // In a cluster the owner of the calls ends it.
+    if !peers::forwarded(&headers)
+        && let Some(relay) = app.hub.relay_to()
+    {
+        let url = relay
+            .and_then(|owner| peers::peer_url(&app, owner))
+            .ok_or_else(|| {
+                HttpError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "no node owns the calls right now; try again in a moment",
+                )
+            })?;
+        let path = format!("/v1/calls/{id}/end");
+        return Ok(peers::respond(
+            peers::forward(&url, reqwest::Method::POST, &path, &headers).await?,
+        ));
+    }
     app.hub.end_call(&id, EndReason::Admin).await?;
-    Ok(Json(json!({"call_id": id, "reason": "admin"})))
+    Ok(Json(json!({"call_id": id, "reason": "admin"})).into_response())
 }
 
 /// Any other path.
@@ -519,19 +583,67 @@ pub async fn billing_usage(
 }
 
 /// `GET /v1/rooms`: every room with its participants, tracks, layers and bitrates.
-pub async fn list_rooms(State(app): State<AppState>, _admin: Admin) -> Json<Value> {
-    Json(json!({ "rooms": app.media.rooms().await }))
+pub async fn list_rooms(
+    State(app): State<AppState>,
+    _admin: Admin,
+    headers: axum::http::HeaderMap,
+) -> Json<Value> {
+    let mut rooms = match app.media.rooms().await {
+        Value::Array(v) => v,
+        _ => Vec::new(),
+    };
+    // In a cluster, every node's rooms (a node that does not answer is left out, and logged).
+    if let Some(c) = app.hub.cluster()
+        && !peers::forwarded(&headers)
+    {
+        for n in c.nodes().into_iter().filter(|n| n.index != c.index()) {
+            if let Ok((StatusCode::OK, body)) =
+                peers::forward(&n.advertise, reqwest::Method::GET, "/v1/rooms", &headers).await
+                && let Some(Value::Array(more)) = body.get("rooms").cloned()
+            {
+                rooms.extend(more);
+            }
+        }
+    }
+    Json(json!({ "rooms": rooms }))
+}
+
+/// The room of a call as its node describes it: here, or (in a cluster) on the room's node.
+async fn room_anywhere(
+    app: &AppState,
+    id: &CallId,
+    headers: &axum::http::HeaderMap,
+) -> Option<Value> {
+    if let Some(room) = app.media.room_info(id).await {
+        return Some(room);
+    }
+    if peers::forwarded(headers) {
+        return None;
+    }
+    let index = app.hub.cluster()?.room_node(id.as_str()).await?;
+    let url = peers::peer_url(app, index)?;
+    match peers::forward(
+        &url,
+        reqwest::Method::GET,
+        &format!("/v1/rooms/{id}"),
+        headers,
+    )
+    .await
+    {
+        Ok((StatusCode::OK, body)) => Some(body),
+        _ => None,
+    }
 }
 
 /// `GET /v1/rooms/{call_id}`.
 pub async fn get_room(
     State(app): State<AppState>,
     _admin: Admin,
+    headers: axum::http::HeaderMap,
     raw: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, HttpError> {
     let id = call_id_from_path(raw)?;
-    app.media
-        .room_info(&id)
+    room_anywhere(&app, &id, &headers)
         .await
         .map(Json)
         .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, "call_not_found", "no such room"))
@@ -542,8 +654,9 @@ pub async fn get_room(
 pub async fn remove_participant(
     State(app): State<AppState>,
     _admin: Admin,
+    headers: axum::http::HeaderMap,
     raw: Result<Path<(String, String)>, PathRejection>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Response, HttpError> {
     // A segment that is not even text names no room or participant: 404 with the protocol's body.
     let Path((raw_call, raw_user)) = raw.map_err(|_| {
         HttpError::new(
@@ -560,8 +673,20 @@ pub async fn remove_participant(
             "no such participant",
         )
     })?;
+    // In a cluster the room may be on another node.
+    if app.media.room_info(&id).await.is_none()
+        && !peers::forwarded(&headers)
+        && let Some(c) = app.hub.cluster()
+        && let Some(index) = c.room_node(id.as_str()).await
+        && let Some(url) = peers::peer_url(&app, index)
+    {
+        let path = format!("/v1/rooms/{id}/participants/{user}");
+        return Ok(peers::respond(
+            peers::forward(&url, reqwest::Method::DELETE, &path, &headers).await?,
+        ));
+    }
     match app.media.remove(&id, &user).await {
-        Ok(()) => Ok(Json(json!({"call_id": id, "user_id": user}))),
+        Ok(()) => Ok(Json(json!({"call_id": id, "user_id": user})).into_response()),
         Err(crate::sfu::SfuError::NotJoined) => Err(HttpError::new(
             StatusCode::NOT_FOUND,
             "call_not_found",

@@ -191,7 +191,7 @@ impl Hub {
     pub fn replace_core(&self, core: Signaling) {
         let mut guard = self.core();
         *guard = core;
-        if self.draining() {
+        if self.draining() && self.cluster.get().is_none() {
             guard.set_draining(true);
         }
         self.armed.store(u64::MAX, Ordering::Release);
@@ -227,6 +227,12 @@ impl Hub {
                 }
             }
             Some(Some(owner)) => {
+                self.send_to_node(
+                    owner,
+                    crate::cluster::Msg::Live {
+                        sids: local.iter().map(|(sid, _, _)| sid.0).collect(),
+                    },
+                );
                 for (sid, user, name) in local {
                     self.send_to_node(
                         owner,
@@ -332,6 +338,12 @@ impl Hub {
     pub fn start_drain(&self) {
         self.draining.store(true, Ordering::Release);
         self.core().set_draining(true);
+    }
+
+    /// Starts a drain of this node of a cluster: it refuses new room joins and reports not ready,
+    /// but the calls (the cluster's) go on taking changes.
+    pub fn start_node_drain(&self) {
+        self.draining.store(true, Ordering::Release);
     }
 
     /// Whether a drain is under way.

@@ -170,6 +170,14 @@ impl MediaPlane {
         self.rooms.len()
     }
 
+    /// The rooms open here.
+    pub fn room_ids(&self) -> Vec<String> {
+        self.rooms
+            .iter()
+            .map(|r| r.key().as_str().to_owned())
+            .collect()
+    }
+
     /// Participants joined here.
     pub fn participant_count(&self) -> usize {
         self.joined.len()
@@ -227,14 +235,18 @@ impl MediaPlane {
                     let Some(user) = user else {
                         return Some(self.hub.may_join_room(session, &call_id).map(|_| json!({})));
                     };
-                    self.hub.send_to_node(
-                        node,
-                        crate::cluster::Msg::Media {
-                            sid: session.0,
-                            user: user.as_str().to_owned(),
-                            text: text.to_owned(),
-                        },
-                    );
+                    // Behind the storage queue, as a reply would be: the room's node answers
+                    // only after what this session's earlier ops changed is committed.
+                    let msg = crate::cluster::Msg::Media {
+                        sid: session.0,
+                        user: user.as_str().to_owned(),
+                        text: text.to_owned(),
+                    };
+                    let hub = Arc::clone(&self.hub);
+                    let _ = self
+                        .hub
+                        .store()
+                        .submit(Job::Run(Box::new(move |_| hub.send_to_node(node, msg))));
                     return None;
                 }
                 Ok(_) => {}

@@ -14,6 +14,7 @@ pub mod hub;
 pub mod listener;
 pub mod media;
 pub mod openapi;
+pub mod peers;
 pub mod remote;
 pub mod session;
 pub mod web;
@@ -383,6 +384,9 @@ pub async fn drain(state: &AppState) {
     if hub.draining() {
         return;
     }
+    if let Some(cluster) = hub.cluster() {
+        return drain_node(state, cluster).await;
+    }
     hub.start_drain();
     let timeout = Duration::from_secs(hub.config().server.drain_timeout);
     tracing::info!(calls = hub.calls_in_progress(), ?timeout, "draining");
@@ -395,6 +399,31 @@ pub async fn drain(state: &AppState) {
         tracing::info!(calls = left, "drain timeout: ending calls in progress");
     }
     hub.end_in_progress(crate::signaling::wire::EndReason::ServerShutdown);
+    hub.flush().await;
+    state.biller.flush().await;
+    webhooks::drain(hub, Duration::from_secs(10)).await;
+    tracing::info!("drain complete");
+}
+
+/// A drain of one node of a cluster: the calls are the cluster's, so none is ended. The node takes
+/// no new rooms (the registry says it drains) and no new sessions (`/readyz` 503); its rooms go on
+/// until they empty or `drain_timeout` passes; then it stops, its sessions reconnect to other nodes,
+/// the participants of rooms still here are told to join again (`rtc_restart`, by the owner), and if
+/// it owned the calls another node takes them over.
+async fn drain_node(state: &AppState, cluster: &Arc<crate::cluster::Cluster>) {
+    let hub = &state.hub;
+    hub.start_node_drain();
+    cluster.set_draining(true);
+    let timeout = Duration::from_secs(hub.config().server.drain_timeout);
+    tracing::info!(
+        participants = state.media.participant_count(),
+        ?timeout,
+        "draining this node"
+    );
+    let deadline = tokio::time::Instant::now() + timeout;
+    while state.media.participant_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     hub.flush().await;
     state.biller.flush().await;
     webhooks::drain(hub, Duration::from_secs(10)).await;
@@ -422,6 +451,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/drain", post(http::start_drain))
         .route("/v1/admin/webhooks/dead", get(http::dead_webhooks))
         .route("/v1/cluster", get(http::cluster))
+        .route("/v1/cluster/nodes/{node_id}/drain", post(http::drain_node))
         .route("/v1/openapi.json", get(openapi::openapi))
         .merge(web::routes())
         .fallback(http::not_found)

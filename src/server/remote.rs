@@ -232,6 +232,11 @@ impl Inbox for Remote {
             Msg::Connect { sid, user, name } if mine(sid) && self.owning() => {
                 self.connect(from, SessionId(sid), &user, name);
             }
+            Msg::Live { sids } => {
+                let live: std::collections::HashSet<u64> = sids.into_iter().collect();
+                self.sessions
+                    .retain(|sid, _| node_of(*sid) != from || live.contains(&sid.0));
+            }
             Msg::Disconnect { sid } if mine(sid) => {
                 self.sessions.remove(&SessionId(sid));
             }
@@ -345,6 +350,10 @@ impl Inbox for Remote {
             packets_per_s,
             cpu: cpu_cores,
         }
+    }
+
+    fn rooms(&self) -> Vec<String> {
+        self.app.media.room_ids()
     }
 
     fn take_over(&self, epoch: i64) -> BoxFuture<'static, bool> {

@@ -57,6 +57,21 @@ impl Redis {
         std::mem::forget(again);
     }
 
+    /// Like [`restart`](Self::restart), on a thread of its own (the URL stays the same).
+    pub fn restart_in_background(&self) -> std::thread::JoinHandle<()> {
+        let dir = self.dir.clone();
+        std::thread::spawn(move || {
+            let _ = Command::new(script()).arg("stop").arg(&dir).status();
+            let ok = Command::new(script())
+                .arg("start")
+                .arg(&dir)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "redis-test-server start again");
+        })
+    }
+
     /// Stops the server.
     pub fn stop(&self) {
         let _ = Command::new(script()).arg("stop").arg(&self.dir).status();
