@@ -99,10 +99,17 @@ pub struct NodeInfo {
     pub started_ms: u64,
     /// Whether it takes no new rooms (a drain).
     pub draining: bool,
+    /// Whether rooms may be placed on it at all (`[cluster] takes_rooms`).
+    #[serde(default = "yes")]
+    pub takes_rooms: bool,
     /// Whether it owns the calls.
     pub owner: bool,
     /// Its load at the last heartbeat.
     pub load: Load,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A node's load.
@@ -272,6 +279,7 @@ pub struct Cluster {
     /// Whether this node owns the calls.
     owning: AtomicBool,
     draining: AtomicBool,
+    takes_rooms: bool,
     outboxes: DashMap<u32, mpsc::Sender<Msg>>,
     boot: u64,
     /// Live nodes at the last heartbeat, by index.
@@ -279,6 +287,9 @@ pub struct Cluster {
     /// The owner lock's URL (PostgreSQL).
     store_url: String,
     dropped: AtomicU64,
+    /// Where sender tasks run: `send` is also called from plain threads (the storage thread runs
+    /// the continuations that deliver events).
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -366,11 +377,13 @@ impl Cluster {
             owner,
             owning: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            takes_rooms: config.cluster.takes_rooms,
             outboxes: DashMap::new(),
             boot: rand::random::<u64>() >> 1,
             nodes: Mutex::new(HashMap::new()),
             store_url: config.storage.url.clone(),
             dropped: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -424,14 +437,15 @@ impl Cluster {
         self.inbox.get()
     }
 
-    /// Queues a message for node `to`. Never blocks; a full queue drops it (counted).
+    /// Queues a message for node `to`. Never blocks, and may be called from any thread; a full
+    /// queue drops it (counted).
     pub fn send(self: &Arc<Self>, to: u32, msg: Msg) {
         let tx = match self.outboxes.get(&to) {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
                 let (tx, rx) = mpsc::channel(OUTBOX);
                 self.outboxes.insert(to, tx.clone());
-                tokio::spawn(Arc::clone(self).sender(to, rx));
+                self.runtime.spawn(Arc::clone(self).sender(to, rx));
                 tx
             }
         };
@@ -623,6 +637,7 @@ impl Cluster {
                 media: self.media.clone(),
                 started_ms: self.started_ms,
                 draining: self.draining.load(Ordering::Acquire),
+                takes_rooms: self.takes_rooms,
                 owner: self.owning(),
                 load,
             };
@@ -783,7 +798,7 @@ impl Cluster {
         index == self.index || self.nodes.lock().is_ok_and(|n| n.contains_key(&index))
     }
 
-    /// The live node that should take a new room: not draining, fewest participants plus rooms
+    /// The live node that should take a new room: taking rooms, not draining, fewest participants plus rooms
     /// placed since (`placed`), then least CPU; this node when it knows no better.
     pub fn least_loaded(&self, placed: &HashMap<u32, usize>) -> u32 {
         let nodes = self.nodes.lock().map(|n| n.clone()).unwrap_or_default();
@@ -797,7 +812,7 @@ impl Cluster {
         };
         nodes
             .values()
-            .filter(|n| !n.draining)
+            .filter(|n| !n.draining && n.takes_rooms)
             .min_by_key(|n| score(n))
             .map_or(self.index, |n| n.index)
     }

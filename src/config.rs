@@ -424,6 +424,9 @@ pub struct ClusterConfig {
     /// Seconds after its last heartbeat that a node counts as gone (its registry entry expires);
     /// heartbeats go out five times in that span.
     pub node_ttl: u64,
+    /// Whether rooms may be placed on this node. `false`: a node for signaling only (it still
+    /// takes WebSockets, and may own the calls).
+    pub takes_rooms: bool,
 }
 
 impl Default for ClusterConfig {
@@ -432,6 +435,7 @@ impl Default for ClusterConfig {
             redis_url: String::new(),
             advertise: String::new(),
             node_ttl: 5,
+            takes_rooms: true,
         }
     }
 }

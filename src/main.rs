@@ -105,9 +105,14 @@ struct LoadtestArgs {
     /// (invite → accept → end cycles, idle sessions).
     #[arg(long, default_value = "media")]
     scenario: String,
-    /// The server's HTTP address.
+    /// The server's HTTP address. Signaling: several, comma-separated, for a cluster's nodes (each
+    /// call's caller on one, its callee on the next).
     #[arg(long, default_value = "http://127.0.0.1:7880")]
     url: String,
+    /// Media: the node whose /metrics give the server's CPU and forwarded packets (in a cluster,
+    /// the rooms' node; default: --url).
+    #[arg(long)]
+    metrics_url: Option<String>,
     /// The server's token secret (the load generator mints its own tokens). Defaults to the dev
     /// secret, for a server started with --dev.
     #[arg(long, env = "SWITCHBOARD_AUTH_SECRET", hide_env_values = true)]
@@ -324,6 +329,7 @@ async fn loadtest(args: LoadtestArgs) -> anyhow::Result<()> {
                 v => Some(VideoSpec::parse(v).map_err(|e| anyhow::anyhow!("--video: {e}"))?),
             };
             let cfg = media::MediaLoad {
+                metrics_url: args.metrics_url.clone().unwrap_or_else(|| args.url.clone()),
                 url: args.url,
                 secret,
                 rooms: args.rooms,

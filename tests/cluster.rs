@@ -687,3 +687,35 @@ async fn the_admin_api_answers_for_the_cluster_from_any_node_and_drains_one_node
     let (status, _) = admin_send(&a, reqwest::Method::POST, "/v1/cluster/nodes/node-x/drain").await;
     assert_eq!(status, 404, "an unknown node");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signaling_only_node_places_every_room_on_a_node_that_takes_rooms() {
+    let Some(s) = shared() else { return skip() };
+    // The owner takes no rooms: the first message it sends node B is the relayed rtc_join, from
+    // the storage thread (which once had no runtime to start B's sender on, and aborted).
+    let a = s
+        .node_with("node-a", &[("SWITCHBOARD_CLUSTER_TAKES_ROOMS", "false".to_owned())])
+        .await;
+    let b = s.node("node-b").await;
+    until_nodes(&a, 2).await;
+    let view = admin(&a, "/v1/cluster").await;
+    let a_info = view["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["node_id"] == "node-a").cloned())
+        .expect("node-a listed");
+    assert_eq!(a_info["takes_rooms"], false, "{view}");
+    for round in 0..2 {
+        let x = a.client(&format!("x{round}")).await;
+        let mut y = a.client(&format!("y{round}")).await;
+        let call = accepted_call(&x, &mut y, &format!("y{round}")).await;
+        let (mut mx, _) = MediaUser::join(x, &format!("x{round}"), &call)
+            .await
+            .expect("join");
+        let (mut my, _) = MediaUser::join(y, &format!("y{round}"), &call)
+            .await
+            .expect("join");
+        media_flows(&mut mx, &mut my).await;
+        assert_eq!(room_node(&a, &call).await, "node-b", "round {round}");
+    }
+    drop(b);
+}

@@ -15,6 +15,7 @@ async fn one_publisher_two_subscribers_through_the_real_server() {
     let video = VideoSpec::parse("640x360@15:300k").expect("valid spec");
     let report = run(MediaLoad {
         url: format!("http://{}", server.addr),
+        metrics_url: format!("http://{}", server.addr),
         secret: SECRET.into(),
         rooms: 1,
         publishers: 1,

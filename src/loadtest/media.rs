@@ -36,6 +36,9 @@ use crate::ids::UserId;
 pub struct MediaLoad {
     /// `http://host:port` of the server.
     pub url: String,
+    /// Whose `/metrics` give the server's CPU, memory and forwarded packets: `url`, or in a
+    /// cluster the node the rooms are on.
+    pub metrics_url: String,
     /// The server's token secret.
     pub secret: String,
     /// Rooms (calls).
@@ -371,9 +374,9 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
         ));
     }
     let http = reqwest::Client::new();
-    let rss0 = server_sample(&http, &cfg.url)
+    let rss0 = server_sample(&http, &cfg.metrics_url)
         .await
-        .ok_or_else(|| MediaLoadError::Metrics(cfg.url.clone()))?;
+        .ok_or_else(|| MediaLoadError::Metrics(cfg.metrics_url.clone()))?;
     let engine = Arc::new(
         EngineHandle::start(cfg.bind_ip, cfg.verify_every)
             .map_err(|e| MediaLoadError::Engine(e.to_string()))?,
@@ -537,7 +540,9 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let s = server_sample(&http, &cfg.url).await.unwrap_or_default();
+        let s = server_sample(&http, &cfg.metrics_url)
+            .await
+            .unwrap_or_default();
         if let Some(slot) = rss.get_mut(if phase { 1 } else { 2 }) {
             *slot = s.rss_bytes;
         }
@@ -559,7 +564,9 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
     }
 
     // The measured window.
-    let start = server_sample(&http, &cfg.url).await.unwrap_or_default();
+    let start = server_sample(&http, &cfg.metrics_url)
+        .await
+        .unwrap_or_default();
     let cpu0 = engine::process_cpu_seconds();
     engine.start_window();
     let t0 = Instant::now();
@@ -571,7 +578,9 @@ pub async fn run(cfg: MediaLoad) -> Result<MediaReport, MediaLoadError> {
             last = update_bar(b, &engine, plans.len(), t0, last);
         }
     }
-    let end = server_sample(&http, &cfg.url).await.unwrap_or_default();
+    let end = server_sample(&http, &cfg.metrics_url)
+        .await
+        .unwrap_or_default();
     let window = t0.elapsed().as_secs_f64();
     let cpu1 = engine::process_cpu_seconds();
     if let Some(b) = bar {
@@ -1094,6 +1103,7 @@ mod tests {
     fn cfg() -> MediaLoad {
         MediaLoad {
             url: String::new(),
+            metrics_url: String::new(),
             secret: String::new(),
             rooms: 1,
             publishers: 1,

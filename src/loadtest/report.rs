@@ -123,11 +123,15 @@ impl ServerSample {
     }
 }
 
-/// The value of an unlabelled metric in Prometheus text.
+/// The value of an unlabelled metric in Prometheus text (or of its first series, when the server
+/// labels every series, as a cluster's nodes do with `node`).
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let rest = l.strip_prefix(name)?;
-        let v = rest.strip_prefix(' ')?;
+        let v = match rest.strip_prefix('{') {
+            Some(labels) => labels.split_once("} ")?.1,
+            None => rest.strip_prefix(' ')?,
+        };
         v.split_whitespace().next()?.parse().ok()
     })
 }
@@ -166,6 +170,15 @@ pub fn loss_fraction(lost: u64, expected: u64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_metric_is_read_with_or_without_a_node_label() {
+        let text = "# HELP x y\nswitchboard_a_total 3\nswitchboard_b_total{node=\"n1\"} 7\n";
+        assert_eq!(super::metric_value(text, "switchboard_a_total"), Some(3.0));
+        assert_eq!(super::metric_value(text, "switchboard_b_total"), Some(7.0));
+        assert_eq!(super::metric_value(text, "switchboard_b"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -27,7 +27,9 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct SignalingLoad {
-    /// `http://host:port` of the server.
+    /// `http://host:port` of the server; several, comma-separated, for the nodes of a cluster: pair
+    /// `i` connects its caller to node `i mod n` and its callee to node `i + 1 mod n`, so with two
+    /// or more every call is between users on different nodes.
     pub url: String,
     /// The server's token secret.
     pub secret: String,
@@ -267,6 +269,7 @@ async fn send(ws: &mut Ws, text: String) -> Result<(), LoadError> {
 
 async fn run_pair(
     url: String,
+    callee_url: String,
     caller_token: String,
     callee_token: String,
     callee: String,
@@ -274,7 +277,7 @@ async fn run_pair(
     hist: Arc<std::sync::Mutex<Histogram<u64>>>,
 ) -> Result<(), LoadError> {
     let mut a = connect(&url, &caller_token).await?;
-    let mut b = connect(&url, &callee_token).await?;
+    let mut b = connect(&callee_url, &callee_token).await?;
     let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
         .map_err(|e| LoadError::Protocol(e.to_string()))?;
     let mut id = 0u64;
@@ -345,7 +348,15 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
 
 /// Runs the load and returns its report.
 pub async fn run(cfg: SignalingLoad) -> Result<SignalingReport, LoadError> {
-    let url = ws_url(&cfg.url);
+    let urls: Vec<String> = cfg
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(ws_url)
+        .collect();
+    let first = cfg.url.split(',').next().unwrap_or("").trim().to_owned();
+    let url = urls.first().cloned().unwrap_or_default();
     let tokens = TokenAuthority::new(&cfg.secret);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -357,7 +368,7 @@ pub async fn run(cfg: SignalingLoad) -> Result<SignalingReport, LoadError> {
     let run_tag = now % 100_000;
 
     // Idle sessions first, to measure memory per session.
-    let rss_before = server_rss(&cfg.url).await;
+    let rss_before = server_rss(&first).await;
     let mut idle = Vec::with_capacity(cfg.idle);
     for chunk in (0..cfg.idle).collect::<Vec<_>>().chunks(256) {
         let conns = futures_util::future::join_all(chunk.iter().map(|i| {
@@ -372,7 +383,7 @@ pub async fn run(cfg: SignalingLoad) -> Result<SignalingReport, LoadError> {
     }
     let rss_after = if cfg.idle > 0 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        server_rss(&cfg.url).await
+        server_rss(&first).await
     } else {
         None
     };
@@ -394,10 +405,16 @@ pub async fn run(cfg: SignalingLoad) -> Result<SignalingReport, LoadError> {
         let caller = format!("caller{run_tag}-{p}");
         let callee = format!("callee{run_tag}-{p}");
         let (ct, et) = (token(&caller)?, token(&callee)?);
-        let (url, shared, hist) = (url.clone(), Arc::clone(&shared), Arc::clone(&hist));
+        let n = urls.len().max(1);
+        let caller_url = urls.get(p % n).cloned().unwrap_or_else(|| url.clone());
+        let callee_url = urls
+            .get((p + 1) % n)
+            .cloned()
+            .unwrap_or_else(|| url.clone());
+        let (shared, hist) = (Arc::clone(&shared), Arc::clone(&hist));
         tasks.push(tokio::spawn(async move {
             let s = Arc::clone(&shared);
-            if let Err(e) = run_pair(url, ct, et, callee, shared, hist).await {
+            if let Err(e) = run_pair(caller_url, callee_url, ct, et, callee, shared, hist).await {
                 s.errors.fetch_add(1, Ordering::Relaxed);
                 eprintln!("switchboard loadtest: a pair failed: {e}");
             }
