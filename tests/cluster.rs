@@ -694,7 +694,10 @@ async fn a_signaling_only_node_places_every_room_on_a_node_that_takes_rooms() {
     // The owner takes no rooms: the first message it sends node B is the relayed rtc_join, from
     // the storage thread (which once had no runtime to start B's sender on, and aborted).
     let a = s
-        .node_with("node-a", &[("SWITCHBOARD_CLUSTER_TAKES_ROOMS", "false".to_owned())])
+        .node_with(
+            "node-a",
+            &[("SWITCHBOARD_CLUSTER_TAKES_ROOMS", "false".to_owned())],
+        )
         .await;
     let b = s.node("node-b").await;
     until_nodes(&a, 2).await;
