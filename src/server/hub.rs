@@ -213,17 +213,9 @@ impl Hub {
         match self.relay_to() {
             None => {
                 for (sid, user, name) in local {
-                    let now = now_ms();
-                    let mut core = self.core();
-                    if core.session_user(sid).is_some() {
-                        continue;
+                    if self.core().session_user(sid).is_none() {
+                        self.register_in_core(now_ms(), sid, user, name);
                     }
-                    let was_online = core.is_online(&user);
-                    let out = core.connect(now, sid, user, name);
-                    if !was_online {
-                        metrics::gauge!(m::USERS_ONLINE).increment(1.0);
-                    }
-                    self.commit(&mut core, now, out, Answer::CloseOnFailure(sid));
                 }
             }
             Some(Some(owner)) => {
@@ -246,6 +238,24 @@ impl Hub {
             }
             Some(None) => {}
         }
+    }
+
+    /// Registers a session with the core (its replay follows, as its first events); a session
+    /// whose registration cannot be stored is closed.
+    fn register_in_core(
+        self: &Arc<Self>,
+        now: u64,
+        sid: SessionId,
+        user: UserId,
+        name: Option<String>,
+    ) {
+        let mut core = self.core();
+        let was_online = core.is_online(&user);
+        let out = core.connect(now, sid, user, name);
+        if !was_online {
+            metrics::gauge!(m::USERS_ONLINE).increment(1.0);
+        }
+        self.commit(&mut core, now, out, Answer::CloseOnFailure(sid));
     }
 
     /// Whether the session's WebSocket is on this node.
@@ -276,14 +286,7 @@ impl Hub {
             },
         );
         let now = now_ms();
-        let mut core = self.core();
-        let was_online = core.is_online(&user);
-        let out = core.connect(now, sid, user.clone(), name.clone());
-        if !was_online {
-            metrics::gauge!(m::USERS_ONLINE).increment(1.0);
-        }
-        self.commit(&mut core, now, out, Answer::CloseOnFailure(sid));
-        drop(core);
+        self.register_in_core(now, sid, user.clone(), name.clone());
         let _ = self.store.submit(Job::Run(Box::new(move |s| {
             if let Err(e) = s.remember_user(&user, name.as_deref(), now) {
                 tracing::warn!(error = %e, "remembering user failed");
@@ -461,16 +464,8 @@ impl Hub {
                 return sid;
             }
         }
-        {
-            let mut core = self.core();
-            let was_online = core.is_online(&user);
-            let out = core.connect(now, sid, user.clone(), name.clone());
-            if !was_online {
-                metrics::gauge!(m::USERS_ONLINE).increment(1.0);
-            }
-            // The replay is this session's start: without it the session would miss invitations.
-            self.commit(&mut core, now, out, Answer::CloseOnFailure(sid));
-        }
+        // The replay is this session's start: without it the session would miss invitations.
+        self.register_in_core(now, sid, user.clone(), name.clone());
         let _ = self.store.submit(Job::Run(Box::new(move |s| {
             if let Err(e) = s.remember_user(&user, name.as_deref(), now) {
                 tracing::warn!(error = %e, "remembering user failed");

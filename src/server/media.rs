@@ -496,11 +496,7 @@ impl RoomControl for MediaPlane {
             );
             return;
         }
-        self.joined.remove(&(call_id.clone(), user_id.clone()));
-        let sfu = self.sfu.clone();
-        self.runtime.spawn(async move {
-            let _ = sfu.leave(&call_id, &user_id).await;
-        });
+        self.leave_here(call_id, user_id);
     }
 
     fn close(&self, call_id: CallId) {
@@ -515,13 +511,6 @@ impl RoomControl for MediaPlane {
             self.runtime
                 .spawn(async move { cluster.forget_room(&call).await });
         }
-        if self.rooms.remove(&call_id).is_none() {
-            return;
-        }
-        self.joined.retain(|(c, _), _| *c != call_id);
-        let sfu = self.sfu.clone();
-        self.runtime.spawn(async move {
-            sfu.close_room(&call_id).await;
-        });
+        self.close_here(call_id);
     }
 }
