@@ -107,6 +107,11 @@ pub struct HttpConfig {
     /// Most TCP connections open at once, WebSocket sessions included; beyond it a new connection is
     /// answered 503 and closed at once.
     pub max_connections: usize,
+    /// Reverse proxies (addresses or CIDR networks) whose `X-Forwarded-For` names the client: for a
+    /// connection from one of them, the `[sessions]` per-address caps count the last address in that
+    /// header that is not itself a trusted proxy. Empty: every client is the TCP peer.
+    #[serde(deserialize_with = "addresses_or_networks")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for HttpConfig {
@@ -115,8 +120,28 @@ impl Default for HttpConfig {
             header_read_timeout: 10,
             idle_timeout: 60,
             max_connections: 50_000,
+            trusted_proxies: Vec::new(),
         }
     }
+}
+
+/// A list of `10.0.0.5` (one address) or `10.0.0.0/8` (a network).
+fn addresses_or_networks<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    let items = Vec::<String>::deserialize(d)?;
+    items
+        .iter()
+        .map(|item| {
+            item.parse::<ipnet::IpNet>()
+                .or_else(|_| item.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{item:?} is neither an IP address nor a network (10.0.0.0/8)"
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// Shortest `[auth] secret` outside dev mode, in bytes.
@@ -879,6 +904,7 @@ const SECTIONS: &[&str] = &[
 /// Keys whose value is a list of strings.
 const LIST_KEYS: &[(&str, &str)] = &[
     ("media", "public_ips"),
+    ("http", "trusted_proxies"),
     ("webhooks", "urls"),
     ("turn", "urls"),
 ];
@@ -1033,6 +1059,29 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.media.public_ips.len(), 1);
+        let c = Config::from_toml_and_env(
+            "",
+            "t",
+            env(&[(
+                "SWITCHBOARD_HTTP_TRUSTED_PROXIES",
+                "[\"10.0.0.10\", \"fd00::/8\"]",
+            )]),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.http.trusted_proxies,
+            vec![
+                "10.0.0.10/32".parse::<ipnet::IpNet>().expect("net"),
+                "fd00::/8".parse().expect("net"),
+            ]
+        );
+        let err = Config::from_toml_and_env(
+            "",
+            "t",
+            env(&[("SWITCHBOARD_HTTP_TRUSTED_PROXIES", "10.0.0.300")]),
+        )
+        .expect_err("not an address");
+        assert!(err.to_string().contains("trusted_proxies"), "{err}");
     }
 
     #[test]

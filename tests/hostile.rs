@@ -22,11 +22,22 @@ async fn raw(s: &TestServer, user: &str) -> Result<Ws, u16> {
 }
 
 async fn raw_at(url: &str, token: &str) -> Result<Ws, u16> {
+    raw_via(url, token, None).await
+}
+
+/// `raw_at` with an `X-Forwarded-For` header, as a reverse proxy sends it.
+async fn raw_via(url: &str, token: &str, forwarded_for: Option<&str>) -> Result<Ws, u16> {
     let mut req = url.into_client_request().expect("request");
     req.headers_mut().insert(
         "authorization",
         HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
     );
+    if let Some(xff) = forwarded_for {
+        req.headers_mut().insert(
+            "x-forwarded-for",
+            HeaderValue::from_str(xff).expect("header"),
+        );
+    }
     match tokio_tungstenite::connect_async(req).await {
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
@@ -103,6 +114,47 @@ async fn sessions_over_a_cap_are_refused_429_before_the_upgrade() {
         }
     }
     assert!(metric(&s, "switchboard_sessions_refused_total").await >= 2.0);
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_caps_count_the_forwarded_client() {
+    let cap = |c: &mut switchboard::config::Config| {
+        c.sessions.max_per_ip = 1;
+        c.sessions.max_total = 1000;
+    };
+    // 127.0.0.1 (this test) is a trusted proxy: each client it names has a place of its own...
+    let s = TestServer::start_with(|c| {
+        cap(c);
+        c.http.trusted_proxies = vec!["127.0.0.0/8".parse().expect("net")];
+    })
+    .await;
+    let url = s.ws_url();
+    let _a = raw_via(&url, &s.token("a"), Some("198.51.100.1"))
+        .await
+        .expect("a client");
+    let _b = raw_via(&url, &s.token("b"), Some("198.51.100.2"))
+        .await
+        .expect("another client behind the same proxy");
+    // ...and a second session of one client is over its cap, whatever it put in the header itself.
+    assert_eq!(
+        raw_via(&url, &s.token("c"), Some("203.0.113.9, 198.51.100.1"))
+            .await
+            .err(),
+        Some(429)
+    );
+    // Without trusted_proxies the header is ignored: the peer's own address is counted.
+    let s = TestServer::start_with(cap).await;
+    let url = s.ws_url();
+    let _a = raw_via(&url, &s.token("a"), Some("198.51.100.1"))
+        .await
+        .expect("first");
+    assert_eq!(
+        raw_via(&url, &s.token("b"), Some("198.51.100.2"))
+            .await
+            .err(),
+        Some(429),
+        "an untrusted header picks no address"
+    );
 }
 
 #[tokio::test]

@@ -22,6 +22,47 @@ pub const FORGET_AFTER: Duration = Duration::from_secs(10);
 /// The address table is pruned when it holds more entries than this.
 const PRUNE_ABOVE: usize = 4096;
 
+/// The client an upgrade counts against: the TCP peer, or, when the peer is one of `trusted`
+/// (`[http] trusted_proxies`), the last address its `X-Forwarded-For` headers name that is not a
+/// trusted proxy itself (read from the right, as each proxy appends the peer it saw). Entries a
+/// proxy would not write (not an address) end the walk: the last trusted hop is then the client,
+/// so a client cannot pick the address it is counted against by sending the header itself.
+pub fn client_ip<'a>(
+    peer: IpAddr,
+    forwarded_for: impl DoubleEndedIterator<Item = &'a [u8]>,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let mut client = peer.to_canonical();
+    if !is_trusted(&client) {
+        return client;
+    }
+    for header in forwarded_for.rev() {
+        let Ok(text) = std::str::from_utf8(header) else {
+            return client;
+        };
+        for entry in text.rsplit(',') {
+            let Some(ip) = parse_forwarded_entry(entry.trim()) else {
+                return client;
+            };
+            client = ip.to_canonical();
+            if !is_trusted(&client) {
+                return client;
+            }
+        }
+    }
+    client
+}
+
+/// One `X-Forwarded-For` entry: an address, or an address with a port (`192.0.2.1:4711`,
+/// `[2001:db8::1]:4711`).
+fn parse_forwarded_entry(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+}
+
 /// Why an upgrade was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -185,6 +226,81 @@ mod tests {
 
     fn ip(n: u8) -> IpAddr {
         IpAddr::from([127, 0, 0, n])
+    }
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|n| n.parse().expect("a network")).collect()
+    }
+
+    fn client(peer: &str, headers: &[&str], trusted: &[&str]) -> IpAddr {
+        let peer: IpAddr = peer.parse().expect("an address");
+        client_ip(peer, headers.iter().map(|h| h.as_bytes()), &nets(trusted))
+    }
+
+    #[test]
+    fn a_trusted_proxy_names_the_client_and_nobody_else_can() {
+        let proxy = ["10.0.0.0/8", "::1/128"];
+        // Through one proxy: the address it appended.
+        assert_eq!(
+            client("10.0.0.5", &["198.51.100.7"], &proxy),
+            ip_of("198.51.100.7")
+        );
+        // Through two: the proxy nearest the client is trusted too, so the one before it.
+        assert_eq!(
+            client("10.0.0.5", &["203.0.113.9, 198.51.100.7, 10.0.0.9"], &proxy),
+            ip_of("198.51.100.7")
+        );
+        // Several headers are one list, in order.
+        assert_eq!(
+            client(
+                "10.0.0.5",
+                &["203.0.113.9", "198.51.100.7:5000, 10.1.1.1"],
+                &proxy
+            ),
+            ip_of("198.51.100.7")
+        );
+        // A client's own header to the left of the proxy's entry changes nothing...
+        assert_eq!(
+            client("10.0.0.5", &["1.2.3.4, 198.51.100.7"], &proxy),
+            ip_of("198.51.100.7")
+        );
+        // ...and a client that is not a trusted proxy is counted as itself whatever it sends.
+        assert_eq!(
+            client("192.0.2.1", &["198.51.100.7"], &proxy),
+            ip_of("192.0.2.1")
+        );
+        assert_eq!(
+            client("192.0.2.1", &["198.51.100.7"], &[]),
+            ip_of("192.0.2.1")
+        );
+        // A proxy without the header, or with garbage in it: the last trusted hop.
+        assert_eq!(client("10.0.0.5", &[], &proxy), ip_of("10.0.0.5"));
+        assert_eq!(
+            client("10.0.0.5", &["10.0.0.7, bogus"], &proxy),
+            ip_of("10.0.0.5")
+        );
+        assert_eq!(
+            client("10.0.0.5", &["bogus, 10.0.0.7"], &proxy),
+            ip_of("10.0.0.7")
+        );
+        // IPv6, bracketed with a port, and v4-mapped peers.
+        assert_eq!(
+            client("::1", &["[2001:db8::1]:443"], &proxy),
+            ip_of("2001:db8::1")
+        );
+        assert_eq!(
+            client("::ffff:10.0.0.5", &["198.51.100.7"], &proxy),
+            ip_of("198.51.100.7")
+        );
+        // Every hop trusted: the first one.
+        assert_eq!(
+            client("10.0.0.5", &["10.0.0.1, 10.0.0.2"], &proxy),
+            ip_of("10.0.0.1")
+        );
+    }
+
+    fn ip_of(s: &str) -> IpAddr {
+        s.parse().expect("an address")
     }
 
     #[test]

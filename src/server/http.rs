@@ -182,6 +182,7 @@ impl FromRequestParts<AppState> for Admin {
 pub async fn signal(
     State(app): State<AppState>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
     SignalAuth(identity): SignalAuth,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -195,12 +196,19 @@ pub async fn signal(
         )
         .into_response();
     }
+    let client = super::admission::client_ip(
+        peer.ip(),
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes()),
+        &app.hub.config().http.trusted_proxies,
+    );
     // The caps are checked before the upgrade: a refused client costs one response.
-    let ticket = match app.admission.admit(
-        &identity.user_id,
-        peer.ip().to_canonical(),
-        std::time::Instant::now(),
-    ) {
+    let ticket = match app
+        .admission
+        .admit(&identity.user_id, client, std::time::Instant::now())
+    {
         Ok(t) => t,
         Err(refusal) => {
             metrics::counter!(crate::metrics::SESSIONS_REFUSED, "cap" => refusal.label())
