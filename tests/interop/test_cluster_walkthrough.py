@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from flows import expected_ms, has_state, schedule
-from harness import ROOT, Server
+from harness import BINARY, ROOT, Server
 from media import PatternVideo
 from sbclient import Room
 
@@ -267,6 +267,20 @@ async def test_two_nodes_behind_nginx_ring_connect_and_bill_like_one(tmp_path, s
         for node in nodes:
             call = await node.get_json(f"/v1/calls/{call_id}")
             assert call["state"] == "ended" and call["caller"] == "alice", call
+
+        # The README's load step, through nginx: calls ring, connect and carry media.
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [str(BINARY), "loadtest", "--url", front.base_url, "--rooms", "2", "--duration", "3s",
+             "--json", "--quiet"],
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")},
+                 "SWITCHBOARD_AUTH_SECRET": SECRET},
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        report = json.loads(out.stdout)
+        assert report["latency_us"]["count"] > 100 and report["loss"] < 0.05, report
+        # The room nodes measured each room's video from the bitstream.
+        assert sorted((m["width"], m["height"]) for m in report["measured_layers"]) == [(1280, 720)] * 2, report
     finally:
         for node in nodes:
             node.stop()
