@@ -68,6 +68,7 @@ metrics! {
     Counter RTX = "switchboard_rtx_packets_total", "RTX retransmissions sent.";
     Counter LAYER_SWITCHES = "switchboard_layer_switches_total", "Simulcast layer switches.";
     Histogram PACKET_DWELL = "switchboard_packet_dwell_seconds", "Seconds a packet spends inside the server, receive to send.";
+    Histogram PACKET_STAGE = "switchboard_packet_stage_seconds", "Seconds a received datagram waits before the server works on it, label `stage`: `socket` (in the kernel's receive queue until the I/O thread reads it, from the kernel's receive stamp), `handoff` (from that read until its worker takes the batch). The dwell histogram follows on from the handoff.";
     Gauge UDP_ROUTES = "switchboard_udp_routes", "Source addresses the media I/O thread routes to a worker, each confirmed by a connection's ICE check (at most [media] max_routes).";
     Counter UDP_ROUTES_REFUSED = "switchboard_udp_routes_refused_total", "Confirmed media source addresses not routed because the table was full ([media] max_routes).";
     Counter ICE_REBINDINGS = "switchboard_ice_rebindings_total", "Media paths moved to a client's new address after its NAT rebound (a check from a new address while the old path was silent).";
@@ -129,6 +130,9 @@ pub fn install_for(node: &str) -> PrometheusHandle {
             }
             let builder = base
                 .set_buckets_for_metric(Matcher::Full(PACKET_DWELL.into()), DWELL_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(PACKET_STAGE.into()), DWELL_BUCKETS)
+                })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(OP_LATENCY.into()), OP_BUCKETS)
                 })

@@ -1,6 +1,6 @@
 //! Batched UDP syscalls shared by the media plane (`sfu::net`) and the load generator
-//! (`loadtest::udp`): `sendmmsg` of many datagrams in few calls, and the conversion of the source
-//! addresses `recvmmsg` fills in.
+//! (`loadtest::udp`): `sendmmsg` of many datagrams in few calls, the conversion of the source
+//! addresses `recvmmsg` fills in, and kernel receive timestamps (`SO_TIMESTAMPNS`).
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -8,6 +8,59 @@ use std::os::fd::RawFd;
 
 /// Datagrams per `sendmmsg` call.
 const CHUNK: usize = 64;
+
+/// Room for one `SCM_TIMESTAMPNS` control message per datagram.
+pub(crate) const STAMP_CTRL_LEN: usize = 64;
+
+/// Asks the kernel to stamp every datagram `fd` receives with its arrival time (`SO_TIMESTAMPNS`,
+/// CLOCK_REALTIME), read back with [`kernel_stamp_ns`].
+pub(crate) fn enable_receive_stamps(fd: RawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid fd and a pointer to an int of the stated size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The kernel's receive time of the datagram `hdr` describes (ns since the epoch), if its control
+/// buffer holds one.
+///
+/// # Safety
+/// `hdr` must be a header `recvmsg`/`recvmmsg` just filled in, whose `msg_control` points at a
+/// buffer of `msg_controllen` bytes that is still alive.
+pub(crate) unsafe fn kernel_stamp_ns(hdr: &libc::msghdr) -> Option<u64> {
+    let mut stamp = None;
+    // SAFETY: per the caller's contract, the CMSG macros walk the kernel-filled control buffer
+    // within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                stamp = Some((t.tv_sec as u64) * 1_000_000_000 + t.tv_nsec as u64);
+            }
+            c = libc::CMSG_NXTHDR(hdr, c);
+        }
+    }
+    stamp
+}
+
+/// Nanoseconds since the Unix epoch (CLOCK_REALTIME, the clock `SO_TIMESTAMPNS` uses).
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
 
 /// A source address as `recvmmsg` wrote it, or `None` for a family other than IPv4 and IPv6.
 pub(crate) fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {

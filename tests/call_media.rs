@@ -148,6 +148,16 @@ async fn invite_accept_join_publish_and_each_receives_the_others_media_billed_by
         hd_layers.is_some_and(|n| n >= 2.0),
         "hd layers: {hd_layers:?}"
     );
+    // The media that flowed was timed in both stages before the worker: in the kernel's receive
+    // queue (from its receive stamps) and in the hand-off to the worker.
+    for stage in ["socket", "handoff"] {
+        let series = format!("switchboard_packet_stage_seconds_count{{stage=\"{stage}\"}}");
+        let count = switchboard::loadtest::signaling::metric_value(
+            &metrics.replace(&series, "stage_count"),
+            "stage_count",
+        );
+        assert!(count.is_some_and(|n| n >= 100.0), "{stage}: {count:?}");
+    }
     let (_, one) = s.admin_get(&format!("/v1/calls/{call_id}")).await;
     assert_eq!(
         one["room"]["participants"].as_array().map(Vec::len),

@@ -236,6 +236,12 @@ def build():
     L.add(series("Packet dwell in the server (p50 / p95 / p99)",
                  hist_quantiles("switchboard_packet_dwell_seconds"), unit="s",
                  description="Receive to send, per forwarded packet."), 12, 8)
+    L.add(series("Wait before the server works on a datagram (p50 / p99, by stage)",
+                 [q for q in hist_quantiles("switchboard_packet_stage_seconds", by="stage")
+                  if "0.95" not in q[0]], unit="s",
+                 description="socket: in the kernel's receive queue until the I/O thread reads it "
+                             "(kernel receive stamp). handoff: from that read until its worker "
+                             "takes the batch. The dwell follows on from the handoff."), 12, 8)
     L.add(series("Published video layers by resolution", [
         (f"sum by (class) (switchboard_layers_by_resolution{{{SEL}}})", "{{class}}"),
     ], stack=True), 12, 8)

@@ -14,14 +14,9 @@ use std::os::fd::{AsRawFd, RawFd};
 pub const MAX_DATAGRAM: usize = 2048;
 /// Datagrams per `recvmmsg`/`sendmmsg` call.
 pub const BATCH: usize = 64;
-const CTRL_LEN: usize = 64;
+const CTRL_LEN: usize = crate::mmsg::STAMP_CTRL_LEN;
 
-/// Nanoseconds since the Unix epoch (CLOCK_REALTIME, the clock `SO_TIMESTAMPNS` uses).
-pub fn realtime_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
+pub use crate::mmsg::realtime_ns;
 
 /// Binds a non-blocking UDP socket with kernel receive timestamps and large buffers.
 pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
@@ -35,20 +30,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     let _ = s.set_send_buffer_size(4 << 20);
     s.bind(&addr.into())?;
     s.set_nonblocking(true)?;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid fd and a pointer to an int of the stated size.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    crate::mmsg::enable_receive_stamps(s.as_raw_fd())?;
     Ok(s.into())
 }
 
@@ -159,22 +141,8 @@ impl RecvBatch {
             if let (Some(f), Some(a)) = (self.from.get_mut(i), self.addrs.get(i)) {
                 *f = sockaddr_to_std(a);
             }
-            let mut ts = 0u64;
-            // SAFETY: the control buffer was filled by the kernel for this message; the CMSG
-            // macros walk it within msg_controllen.
-            unsafe {
-                let mut c = libc::CMSG_FIRSTHDR(&m.msg_hdr);
-                while !c.is_null() {
-                    if (*c).cmsg_level == libc::SOL_SOCKET
-                        && (*c).cmsg_type == libc::SCM_TIMESTAMPNS
-                    {
-                        let t =
-                            std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
-                        ts = (t.tv_sec as u64) * 1_000_000_000 + t.tv_nsec as u64;
-                    }
-                    c = libc::CMSG_NXTHDR(&m.msg_hdr, c);
-                }
-            }
+            // SAFETY: the kernel just filled this header; its control buffer is self.ctrl[i].
+            let ts = unsafe { crate::mmsg::kernel_stamp_ns(&m.msg_hdr) }.unwrap_or(0);
             if let Some(s) = self.stamps.get_mut(i) {
                 *s = ts;
             }

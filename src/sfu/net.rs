@@ -73,6 +73,10 @@ pub(crate) fn bind(cfg: &MediaConfig) -> io::Result<UdpSocket> {
     let _ = socket.set_send_buffer_size(4 << 20);
     socket.bind(&addr.into())?;
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    // Best effort too: without receive stamps the `socket` stage goes unmeasured.
+    if let Err(e) = crate::mmsg::enable_receive_stamps(std::os::fd::AsRawFd::as_raw_fd(&socket)) {
+        tracing::warn!(error = %e, "no kernel receive timestamps on the media socket");
+    }
     Ok(socket.into())
 }
 
@@ -279,6 +283,7 @@ impl IoThread {
         let mut unroutable = 0u64;
         let mut dropped_backlog = 0u64;
         metrics::gauge!(crate::metrics::UDP_ROUTES).set(0.0);
+        let mut ctrl = vec![[0u8; crate::mmsg::STAMP_CTRL_LEN]; RECV_BATCH];
         while !self.stop.load(Ordering::Relaxed) {
             // SAFETY: plain data, zero is valid.
             let mut addrs: [libc::sockaddr_storage; RECV_BATCH] = unsafe { std::mem::zeroed() };
@@ -299,6 +304,8 @@ impl IoThread {
                     std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
                 h.msg_hdr.msg_iov = &mut iovs[i] as *mut libc::iovec;
                 h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_control = ctrl[i].as_mut_ptr() as *mut libc::c_void;
+                h.msg_hdr.msg_controllen = crate::mmsg::STAMP_CTRL_LEN as _;
             }
             // SAFETY: msgs points to RECV_BATCH initialized headers with valid buffers. The
             // blocking call returns after the socket's read timeout when idle.
@@ -312,6 +319,7 @@ impl IoThread {
                 )
             };
             let at = Instant::now();
+            let read_ns = crate::mmsg::realtime_ns();
             // Before routing this batch: a worker reports an accepted binding request before the
             // response leaves the server, so the peer's next datagrams (DTLS) find the route.
             let mut refused = 0u64;
@@ -350,6 +358,8 @@ impl IoThread {
                 continue;
             }
             let n = n as usize;
+            let socket_wait =
+                metrics::histogram!(crate::metrics::PACKET_STAGE, "stage" => "socket");
             self.counters
                 .datagrams_in
                 .fetch_add(n as u64, Ordering::Relaxed);
@@ -357,6 +367,11 @@ impl IoThread {
             for i in 0..n {
                 // SAFETY: the first `n` headers were filled by recvmmsg.
                 let h = unsafe { msgs[i].assume_init_ref() };
+                // SAFETY: recvmmsg just filled this header; its control buffer is ctrl[i].
+                if let Some(stamp) = unsafe { crate::mmsg::kernel_stamp_ns(&h.msg_hdr) } {
+                    // The same clock both ways (CLOCK_REALTIME); a step of it reads as 0.
+                    socket_wait.record(read_ns.saturating_sub(stamp) as f64 / 1e9);
+                }
                 let len = (h.msg_len as usize).min(MAX_DATAGRAM);
                 let Some(src) = sockaddr_to_std(&addrs[i]) else {
                     continue;

@@ -523,6 +523,10 @@ impl Worker {
 
     fn datagrams(&mut self, b: DatagramBatch) {
         let proto = b.proto;
+        metrics::histogram!(m::PACKET_STAGE, "stage" => "handoff").record_many(
+            Instant::now().saturating_duration_since(b.at).as_secs_f64(),
+            b.items.len(),
+        );
         // str0m takes input only as arriving on one of its local candidates.
         let local = if proto == Protocol::Tcp {
             self.tcp_candidates.first()
