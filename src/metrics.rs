@@ -89,6 +89,7 @@ metrics! {
     Gauge CLUSTER_NODES = "switchboard_cluster_nodes", "Live nodes in the cluster's registry, as this node last read it.";
     Gauge CLUSTER_OWNER = "switchboard_cluster_owner", "1 while this node owns the cluster's calls.";
     Counter CLUSTER_MESSAGES = "switchboard_cluster_messages_total", "Messages between nodes, by direction (in, out).";
+    Counter CLUSTER_UNANSWERED = "switchboard_cluster_unanswered_total", "Requests relayed to another node that were answered `unavailable` here instead, because the owner of the calls changed (or messages were lost) before their reply came.";
     Counter CLUSTER_DROPPED = "switchboard_cluster_dropped_total", "Messages to other nodes given up on (queue full, or the node unreachable for node_ttl).";
     Counter WEBHOOK_DROPPED = "switchboard_webhook_dropped_total", "Outbox rows dropped at start because their receiver is no longer in [webhooks] urls.";
 }

@@ -300,9 +300,11 @@ def build():
         (rate("switchboard_cluster_messages_total", "node, dir"), "{{node}} {{dir}}"),
     ], unit="ops", description="Session frames relayed to the owner, and its events and replies back."), 12, 8)
     L.add(series("Messages given up", [
-        (rate("switchboard_cluster_dropped_total", "node"), "{{node}}"),
+        (rate("switchboard_cluster_dropped_total", "node"), "{{node}} messages"),
+        (rate("switchboard_cluster_unanswered_total", "node"), "{{node}} requests answered unavailable"),
     ], unit="ops", description="A full queue, or a node unreachable for node_ttl: the receiving node "
-                               "resyncs its sessions (they get the replay a reconnect gets)."), 12, 8)
+                               "resyncs its sessions (they get the replay a reconnect gets), and "
+                               "requests still waiting for a reply are answered unavailable."), 12, 8)
 
     L.row("HTTP")
     L.add(series("Open HTTP connections", [

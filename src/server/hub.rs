@@ -19,6 +19,7 @@
 //! closed (1011) so that it reconnects and replays. Timers wait while storage is down: a timeout
 //! that cannot be stored would otherwise fire again at once, for ever.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -85,9 +86,45 @@ struct SessionEntry {
     tx: mpsc::Sender<Outbound>,
     /// Told when the queue overflows: the session closes (its client reads too slowly).
     overflow: Arc<Notify>,
+    /// Request IDs this node relayed to another node and has no reply for yet, oldest first (a
+    /// client may reuse an ID: the replies come back in order). At most [`MAX_RELAYED`].
+    relayed: VecDeque<u64>,
+    /// Relayed requests answered here because their node went away
+    /// ([`Hub::answer_relayed_in_flight`]): a late reply to one is dropped. At most [`MAX_RELAYED`].
+    abandoned: VecDeque<u64>,
 }
 
+/// Most requests of one session waiting for another node's reply; beyond it a request is
+/// answered `unavailable` here, unrun.
+pub const MAX_RELAYED: usize = 256;
+
 impl SessionEntry {
+    /// Whether a reply (a frame with the request's `id`) is to be sent: `false` for a late reply
+    /// to a relayed request the client already had answered. Settles the request either way.
+    fn settle_reply(&mut self, reply: &str) -> bool {
+        #[derive(serde::Deserialize)]
+        struct IdOnly {
+            id: Option<u64>,
+        }
+        let Some(id) = serde_json::from_str::<IdOnly>(reply)
+            .ok()
+            .and_then(|r| r.id)
+        else {
+            return true;
+        };
+        if let Some(i) = self.relayed.iter().position(|r| *r == id) {
+            self.relayed.remove(i);
+            return true;
+        }
+        match self.abandoned.iter().position(|r| *r == id) {
+            Some(i) => {
+                self.abandoned.remove(i);
+                false
+            }
+            None => true,
+        }
+    }
+
     /// Queues a frame; a full queue closes the session instead of growing.
     fn send(&self, out: Outbound) {
         if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(out) {
@@ -189,6 +226,8 @@ impl Hub {
     /// Puts `core` in place of the (empty) core of a node that did not own the calls, and arms its
     /// timers: the takeover of a cluster's calls.
     pub fn replace_core(&self, core: Signaling) {
+        // What this node relayed to the former owner will not be answered by it.
+        self.answer_relayed_in_flight();
         let mut guard = self.core();
         *guard = core;
         if self.draining() && self.cluster.get().is_none() {
@@ -200,10 +239,53 @@ impl Hub {
         self.init_gauges();
     }
 
+    /// Notes that request `id` of session `sid` went to another node for its reply. `false`: the
+    /// session has [`MAX_RELAYED`] waiting already (or is gone), and the request must not go.
+    pub fn track_relayed(&self, sid: SessionId, id: u64) -> bool {
+        let Some(mut e) = self.sessions.get_mut(&sid) else {
+            return false;
+        };
+        if e.relayed.len() >= MAX_RELAYED {
+            return false;
+        }
+        e.relayed.push_back(id);
+        true
+    }
+
+    /// Answers every request relayed to another node that has not replied, `unavailable` with an
+    /// outcome the client must check: called when the owner of the calls changed or messages
+    /// between nodes were lost, when such a reply may never come. The request may have been
+    /// applied before its node stopped, so nothing is claimed either way; a late reply is dropped.
+    pub fn answer_relayed_in_flight(&self) {
+        let mut answered = 0u64;
+        for mut e in self.sessions.iter_mut() {
+            let e = e.value_mut();
+            while let Some(id) = e.relayed.pop_front() {
+                let err = ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the node that owns the calls changed before this request was answered: it may or may not have been applied; check the call (query_call_list) before trying again",
+                );
+                // Straight to the session: send_to would take it for the late reply.
+                e.send(Outbound::Reply(reply_frame(Some(id), &Err(err))));
+                if e.abandoned.len() >= MAX_RELAYED {
+                    e.abandoned.pop_front();
+                }
+                e.abandoned.push_back(id);
+                answered += 1;
+            }
+        }
+        if answered > 0 {
+            metrics::counter!(m::CLUSTER_UNANSWERED).increment(answered);
+            metrics::counter!(m::ERRORS, "code" => ErrorCode::Unavailable.as_str())
+                .increment(answered);
+        }
+    }
+
     /// Registers this node's sessions again where frames now go: with the core here (this node just
     /// took the calls over) or with the owner (it changed, or messages may have been lost). Each gets
     /// the replay a reconnect gets.
     pub fn resync_sessions(self: &Arc<Self>) {
+        self.answer_relayed_in_flight();
         let local: Vec<(SessionId, UserId, Option<String>)> = self
             .sessions
             .iter()
@@ -283,6 +365,8 @@ impl Hub {
                 name: name.clone(),
                 tx,
                 overflow,
+                relayed: VecDeque::new(),
+                abandoned: VecDeque::new(),
             },
         );
         let now = now_ms();
@@ -394,7 +478,22 @@ impl Hub {
     /// media events and replies straight there).
     pub fn send_to(&self, session: SessionId, out: Outbound) {
         if let Some(s) = self.sessions.get(&session) {
-            s.send(out);
+            let settles = matches!(out, Outbound::Reply(_))
+                && !(s.relayed.is_empty() && s.abandoned.is_empty());
+            if !settles {
+                s.send(out);
+                return;
+            }
+            drop(s);
+            if let Some(mut s) = self.sessions.get_mut(&session) {
+                if let Outbound::Reply(text) = &out
+                    && !s.settle_reply(text)
+                {
+                    tracing::debug!(%session, "a late reply to a request answered here dropped");
+                    return;
+                }
+                s.send(out);
+            }
             return;
         }
         if let Some(c) = self.cluster.get() {
@@ -441,6 +540,8 @@ impl Hub {
                 name: identity.name.clone(),
                 tx,
                 overflow,
+                relayed: VecDeque::new(),
+                abandoned: VecDeque::new(),
             },
         );
         metrics::gauge!(m::SESSIONS_CONNECTED).increment(1.0);

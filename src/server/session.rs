@@ -276,6 +276,16 @@ fn relay(
     match hub.relay_to() {
         None => false,
         Some(Some(owner)) => {
+            if let Some(id) = id
+                && !hub.track_relayed(sid, id)
+            {
+                let e = ApiError::new(
+                    ErrorCode::Unavailable,
+                    "too many requests are waiting for the node that owns the calls; nothing was changed, try again in a moment",
+                );
+                hub.send_reply(sid, Some(id), "relay", started, &Err(e));
+                return true;
+            }
             hub.send_to_node(owner, msg());
             true
         }
