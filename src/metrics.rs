@@ -127,6 +127,12 @@ pub fn install_for(node: &str) -> PrometheusHandle {
         .get_or_init(|| {
             let mut base = PrometheusBuilder::new();
             if !node.is_empty() {
+                let _ = NODE_LABELS.set(format!(
+                    "{{node=\"{}\"}}",
+                    node.replace('\\', "\\\\")
+                        .replace('"', "\\\"")
+                        .replace('\n', "\\n")
+                ));
                 base = base.add_global_label("node", node);
             }
             let builder = base
@@ -158,17 +164,22 @@ pub fn install_for(node: &str) -> PrometheusHandle {
         .clone()
 }
 
+/// The global `{node="…"}` label set of a cluster node's series, for the process series written
+/// by hand below.
+static NODE_LABELS: OnceLock<String> = OnceLock::new();
+
 /// Renders the registry plus the process series read from /proc at this moment.
 pub fn render(handle: &PrometheusHandle) -> String {
     let mut text = handle.render();
     if let Some((cpu, rss)) = process_usage() {
         use std::fmt::Write as _;
+        let labels = NODE_LABELS.get().map_or("", String::as_str);
         let _ = write!(
             text,
             "# HELP {PROCESS_CPU} Total user and system CPU time spent in seconds.\n\
-             # TYPE {PROCESS_CPU} counter\n{PROCESS_CPU} {cpu}\n\
+             # TYPE {PROCESS_CPU} counter\n{PROCESS_CPU}{labels} {cpu}\n\
              # HELP {PROCESS_RSS} Resident memory size in bytes.\n\
-             # TYPE {PROCESS_RSS} gauge\n{PROCESS_RSS} {rss}\n"
+             # TYPE {PROCESS_RSS} gauge\n{PROCESS_RSS}{labels} {rss}\n"
         );
     }
     text

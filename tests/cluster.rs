@@ -662,6 +662,26 @@ async fn the_admin_api_answers_for_the_cluster_from_any_node_and_drains_one_node
     media_flows(&mut m1, &mut m2).await;
     let on = room_node(&a, &call).await;
 
+    // Every series of a node's /metrics carries its node label, the process series too.
+    for (p, node) in [(&a, "node-a"), (&b, "node-b")] {
+        let text = reqwest::get(p.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let label = format!("node=\"{node}\"");
+        let unlabelled: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty() && !l.contains(&label))
+            .collect();
+        assert!(unlabelled.is_empty(), "{node}: {unlabelled:?}");
+        assert!(
+            text.contains(&format!("process_cpu_seconds_total{{{label}}}")),
+            "{node}"
+        );
+    }
+
     // Rooms, one room and one call, from either node, wherever the room is.
     for p in [&a, &b] {
         let rooms = admin(p, "/v1/rooms").await;
