@@ -456,6 +456,30 @@ async fn a_drain_ends_calls_cleanly_loses_no_billing_or_webhook_and_exits_0() {
     )
     .await;
     assert!(got >= 30, "media flows before the drain");
+    // Two more calls accepted before the drain: one whose room erin opened here (frank has not
+    // joined yet), one whose room nobody opened.
+    let mut accepted = Vec::new();
+    for (caller, callee) in [("erin", "frank"), ("gina", "hank")] {
+        let x = p.client(caller).await;
+        let mut y = p.client(callee).await;
+        let r = x
+            .request("call_invite", json!({"invitees": [callee], "timeout": 30}))
+            .await
+            .expect("invite");
+        let id = r["call_id"].as_str().expect("id").to_owned();
+        y.wait_for("call_invitation_received", WAIT)
+            .await
+            .expect("rings");
+        y.request("call_accept", json!({"call_id": id}))
+            .await
+            .expect("accept");
+        accepted.push((x, y, id));
+    }
+    let (erin, frank, opened) = &accepted[0];
+    let (gina, _hank, unopened) = &accepted[1];
+    erin.request("rtc_join", json!({"call_id": opened}))
+        .await
+        .expect("erin opens the room");
 
     // Drain over the admin API: not ready, no new calls or joins, the call goes on until the timeout.
     let http = reqwest::Client::new();
@@ -480,6 +504,18 @@ async fn a_drain_ends_calls_cleanly_loses_no_billing_or_webhook_and_exits_0() {
         .request("call_invite", json!({"invitees": ["dave"]}))
         .await
         .expect_err("refused");
+    assert_eq!(e.code(), Some("invalid_state"));
+    // A room in progress takes its participants (frank joins erin); a room the drain would have
+    // to open is refused.
+    frank
+        .request("rtc_join", json!({"call_id": opened}))
+        .await
+        .expect("a participant joins a room in progress during the drain");
+    let _ = erin;
+    let e = gina
+        .request("rtc_join", json!({"call_id": unopened}))
+        .await
+        .expect_err("no new room during a drain");
     assert_eq!(e.code(), Some("invalid_state"));
     let pump = tokio::spawn(async move {
         pump_until(

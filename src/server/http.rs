@@ -707,6 +707,7 @@ pub async fn remove_participant(
 /// `POST /v1/admin/drain`: starts a drain; the server exits when it is done. Answers at once.
 pub async fn start_drain(State(app): State<AppState>, _admin: Admin) -> (StatusCode, Json<Value>) {
     let in_progress = app.hub.calls_in_progress();
+    super::begin_drain(&app);
     app.drain_requested.notify_one();
     (
         StatusCode::ACCEPTED,

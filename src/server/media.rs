@@ -313,7 +313,9 @@ impl MediaPlane {
         match op {
             Op::RtcJoin(a) => {
                 let user = self.may_join(session, &a.call_id, auth)?;
-                if self.hub.draining() {
+                // A drain opens no room, but a room in progress here takes its participants back
+                // (a re-join after a network change, another device).
+                if self.hub.draining() && !self.rooms.contains_key(&a.call_id) {
                     return Err(ApiError::new(
                         ErrorCode::InvalidState,
                         "the server is draining for a restart; try again in a moment",

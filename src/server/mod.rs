@@ -379,15 +379,26 @@ impl Server {
 /// progress go on until they end or `[server] drain_timeout` passes, then end with `server_shutdown`;
 /// billing segments are closed and the webhook outbox is given a few seconds to empty (what is left
 /// stays queued for the next start). Calls that only ring are kept: they ring again after the restart.
+/// Marks the drain as begun (not ready, no new calls or rooms), at once: `POST /v1/admin/drain`
+/// answers only after this, and [`drain`] follows. Idempotent.
+pub fn begin_drain(state: &AppState) {
+    let hub = &state.hub;
+    match hub.cluster() {
+        Some(cluster) => {
+            hub.start_node_drain();
+            cluster.set_draining(true);
+        }
+        None => hub.start_drain(),
+    }
+}
+
+/// The drain, run once when the server is told to stop (SIGTERM, or the admin API).
 pub async fn drain(state: &AppState) {
     let hub = &state.hub;
-    if hub.draining() {
-        return;
+    begin_drain(state);
+    if hub.cluster().is_some() {
+        return drain_node(state).await;
     }
-    if let Some(cluster) = hub.cluster() {
-        return drain_node(state, cluster).await;
-    }
-    hub.start_drain();
     let timeout = Duration::from_secs(hub.config().server.drain_timeout);
     tracing::info!(calls = hub.calls_in_progress(), ?timeout, "draining");
     let deadline = tokio::time::Instant::now() + timeout;
@@ -410,10 +421,8 @@ pub async fn drain(state: &AppState) {
 /// until they empty or `drain_timeout` passes; then it stops, its sessions reconnect to other nodes,
 /// the participants of rooms still here are told to join again (`rtc_restart`, by the owner), and if
 /// it owned the calls another node takes them over.
-async fn drain_node(state: &AppState, cluster: &Arc<crate::cluster::Cluster>) {
+async fn drain_node(state: &AppState) {
     let hub = &state.hub;
-    hub.start_node_drain();
-    cluster.set_draining(true);
     let timeout = Duration::from_secs(hub.config().server.drain_timeout);
     tracing::info!(
         participants = state.media.participant_count(),
