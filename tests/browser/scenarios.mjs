@@ -659,9 +659,13 @@ export const scenarios = [
       assert(rebindMs < 6000, `media took ${rebindMs} ms to resume after the rebinding`);
       let rec = await bob.page.evaluate(() => window.__rec);
       assert(rec.rejoins === 0, `a rebinding made Bo's room join again (${rec.rejoins})`);
+      // Either the server moved the path on a check from the new port after the old one fell
+      // silent (counted), or Chrome nominated the new pair itself first (its check came before
+      // the old path had been silent for a second); both keep the ICE session. The server's own
+      // move is asserted deterministically in tests/interop/test_rebinding.py.
       const rebound = await metric('switchboard_ice_rebindings_total');
-      assert(rebound >= 1, 'the server did not follow the rebinding (switchboard_ice_rebindings_total is 0)');
-      t.log(`${rec.ice.length} ICE restarts for the rebinding; ${rebound} paths moved by the server`);
+      t.log(`${rec.ice.length} ICE restarts for the rebinding; ${rebound} paths moved by the server` +
+        (rebound === 0 ? ' (Chrome nominated the new path itself)' : ''));
       assert(rec.ice.length === 0, 'the rebinding needed an ICE restart: the server did not follow it');
 
       // 2. The UDP path fails for good: Bo's connections restart ICE and find ICE-TCP.
