@@ -114,6 +114,9 @@ const OP_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// How often histogram samples are folded into their buckets when nobody scrapes `/metrics`.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the process-wide recorder once and returns a handle that renders the text format.
 /// Later calls (several servers in one test process) share the first recorder.
 pub fn install() -> PrometheusHandle {
@@ -149,6 +152,17 @@ pub fn install_for(node: &str) -> PrometheusHandle {
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
+            // Histogram samples wait in the recorder until they are folded into their buckets,
+            // which a scrape does; without a scraper they would pile up (a sample per packet).
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(UPKEEP_EVERY);
+                        upkeep.run_upkeep();
+                    }
+                });
             // Fails only if another recorder was installed first (a test harness); the handle then
             // renders an empty registry, which is still valid text format.
             let _ = metrics::set_global_recorder(recorder);
