@@ -76,7 +76,8 @@ metrics! {
     Counter TCP_REFUSED = "switchboard_tcp_refused_total", "ICE-TCP connections closed at accept because [media] max_tcp_connections were open.";
     Counter TCP_DROPPED_SLOW = "switchboard_tcp_dropped_slow_total", "Packets to ICE-TCP clients dropped because the client's queue was full (it reads too slowly).";
     Counter UDP_ROUTES_EXPIRED = "switchboard_udp_routes_expired_total", "Media routes dropped after 30 s without traffic.";
-    Counter MEDIA_LIMIT_REJECTIONS = "switchboard_media_limit_rejections_total", "rtc_publish, rtc_answer and rtc_candidate refused by a [media] limit, label `limit` (sdp_bytes, mlines, tracks, candidates).";
+    Counter MEDIA_LIMIT_REJECTIONS = "switchboard_media_limit_rejections_total", "rtc_publish, rtc_answer and rtc_candidate refused by a [media] limit, label `limit` (sdp_bytes, mlines, tracks, candidates, payload_type).";
+    Counter CONTAINED_PANICS = "switchboard_contained_panics_total", "Panics inside the media engine's calls for one connection (a str0m bug reached by a client's input): that connection was closed, the server went on.";
     // Billing.
     Counter BILLED_SECONDS = "switchboard_billed_seconds_total", "Billed seconds, label `tier`.";
     Gauge USERS_IN_TIER = "switchboard_users_in_tier", "Users currently metered in each tier, label `tier`.";

@@ -207,3 +207,77 @@ async fn each_media_limit_refuses_one_over_and_a_real_offer_at_the_limits_carrie
         .expect("bob saw alice's tracks");
     s.stop().await;
 }
+
+/// Found by the `worker_sdp` fuzz target: one payload type described as two codec configurations
+/// (an H.264 rtpmap without its fmtp in the audio section, the same with an fmtp in a sendrecv
+/// video section) made str0m assert ("Pt locked multiple times") in the media worker, and a worker
+/// panic aborts the server. It is refused `bad_request` before str0m reads it; the same client's
+/// real offer is answered right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_payload_type_described_as_two_codecs_is_refused_and_the_worker_lives() {
+    let s = TestServer::start().await;
+    let (a, _b, call_id) = s.call("alice", "bob", "general").await;
+    let (alice, _) = MediaUser::join(a, "alice", &call_id)
+        .await
+        .expect("alice joins");
+    let mut p = Publisher::new(
+        LOCALHOST,
+        "alice",
+        &[TrackSpec::audio(), TrackSpec::video()],
+    )
+    .await
+    .expect("pc");
+    let offer = p.offer().await.expect("offer");
+    // A payload type the offer does not use, described in both sections (not in their m= format
+    // lists: str0m reads rtpmap lines all the same).
+    let pt = 120;
+    assert!(
+        !offer.contains(&format!(":{pt} ")),
+        "payload type {pt} is unused"
+    );
+    let video = offer.find("\r\nm=video").expect("a video section") + 2;
+    let (head, video_part) = offer.split_at(video);
+    assert!(head.contains("m=audio"), "audio comes first in this offer");
+    let video_part = video_part.replace("a=sendonly", "a=sendrecv").replacen(
+        "a=mid:",
+        &format!("a=rtpmap:{pt} H264/90000\r\na=fmtp:{pt} packetization-mode=1\r\na=mid:"),
+        1,
+    );
+    let head = head.replacen("a=mid:", &format!("a=rtpmap:{pt} H264/90000\r\na=mid:"), 1);
+    let hostile = format!("{head}{video_part}");
+    let publish = |sdp: String| {
+        let sig = alice.sig.clone();
+        let call_id = call_id.clone();
+        async move {
+            sig.request("rtc_publish", json!({"call_id": call_id, "sdp": sdp}))
+                .await
+        }
+    };
+    match publish(hostile).await {
+        Err(ClientError::Api { code, message, .. }) => {
+            assert_eq!(code, "bad_request", "{message}");
+            assert!(
+                message.contains(&format!("payload type {pt}")),
+                "{message} should name payload type {pt}"
+            );
+        }
+        other => panic!("expected bad_request for payload type {pt}, got {other:?}"),
+    }
+    let r = publish(offer)
+        .await
+        .expect("the server still answers the client's real offer");
+    assert!(r["sdp"].as_str().is_some_and(|s| s.contains("m=video")));
+    let text = reqwest::get(s.http("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.lines()
+            .any(|l| l
+                .starts_with("switchboard_media_limit_rejections_total{limit=\"payload_type\"}")),
+        "the rejection was counted"
+    );
+    s.stop().await;
+}

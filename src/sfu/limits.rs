@@ -14,6 +14,11 @@
 //!   address, port) it was given, in SDP or trickled; one that would make more than
 //!   `max_remote_candidates` is refused. Repeating a known candidate (renegotiation offers carry
 //!   them again) costs nothing.
+//! - Payload types: one payload type number means one codec configuration in the whole SDP
+//!   (RFC 8843 section 9.1: bundled m-lines share one RTP session). An SDP that describes the
+//!   same number twice differently (`a=rtpmap`, `a=fmtp`) is refused before str0m reads it:
+//!   str0m 0.25 asserts on it ("Pt locked multiple times", found by the `worker_sdp` fuzz
+//!   target), and a panicking worker aborts the server.
 
 use std::collections::HashSet;
 
@@ -60,6 +65,12 @@ pub(crate) enum LimitError {
          (media.max_remote_candidates)"
     )]
     Candidates { got: usize, max: usize },
+    /// One payload type number is described twice with different codec configurations.
+    #[error(
+        "payload type {pt} is described twice with different codecs or parameters; a payload \
+         type means one codec configuration across the bundled m-lines (RFC 8843 section 9.1)"
+    )]
+    PayloadType { pt: u8 },
 }
 
 impl LimitError {
@@ -70,6 +81,7 @@ impl LimitError {
             Self::Mlines { .. } => "mlines",
             Self::Tracks { .. } => "tracks",
             Self::Candidates { .. } => "candidates",
+            Self::PayloadType { .. } => "payload_type",
         }
     }
 }
@@ -83,6 +95,72 @@ pub(crate) struct SdpSummary {
     pub sending: usize,
     /// Distinct candidate keys (see [`candidate_key`]).
     pub candidates: Vec<String>,
+    /// The first payload type found described twice differently, if any.
+    pub pt_conflict: Option<u8>,
+}
+
+/// How the m-lines of one SDP describe each payload type: its `a=rtpmap` and `a=fmtp` values per
+/// media section. A section that names neither for a number does not describe it.
+#[derive(Default)]
+struct PayloadTypes {
+    /// Per payload type (0..=127): the settled description, from the first section describing it.
+    settled: Vec<Option<(Option<String>, Option<String>)>>,
+    /// The current section's descriptions, settled when the section ends.
+    section: Vec<(u8, Option<String>, Option<String>)>,
+    conflict: Option<u8>,
+}
+
+impl PayloadTypes {
+    /// Reads `a=rtpmap:<pt> <value>` or `a=fmtp:<pt> <value>`; anything else is ignored.
+    fn attribute(&mut self, attr: &str) {
+        let (fmtp, rest) = if let Some(r) = attr.strip_prefix("rtpmap:") {
+            (false, r)
+        } else if let Some(r) = attr.strip_prefix("fmtp:") {
+            (true, r)
+        } else {
+            return;
+        };
+        let (pt, value) = rest.split_once(' ').unwrap_or((rest, ""));
+        let Ok(pt) = pt.trim().parse::<u8>() else {
+            return;
+        };
+        if pt > 127 {
+            return;
+        }
+        // Encoding names are case-insensitive (RFC 4855 section 3); compare what str0m reads.
+        let value = Some(value.trim().to_ascii_lowercase());
+        let entry = match self.section.iter_mut().find(|(p, _, _)| *p == pt) {
+            Some(e) => e,
+            None => {
+                self.section.push((pt, None, None));
+                let last = self.section.len() - 1;
+                &mut self.section[last]
+            }
+        };
+        let slot = if fmtp { &mut entry.2 } else { &mut entry.1 };
+        if slot.is_some() && *slot != value {
+            // Described twice within one section.
+            self.conflict.get_or_insert(pt);
+        }
+        *slot = value;
+    }
+
+    /// Ends a media section: its descriptions must agree with those of earlier sections.
+    fn end_section(&mut self) {
+        if self.settled.is_empty() {
+            self.settled.resize(128, None);
+        }
+        for (pt, rtpmap, fmtp) in self.section.drain(..) {
+            let desc = (rtpmap, fmtp);
+            match &self.settled[usize::from(pt)] {
+                Some(seen) if *seen != desc => {
+                    self.conflict.get_or_insert(pt);
+                }
+                Some(_) => {}
+                None => self.settled[usize::from(pt)] = Some(desc),
+            }
+        }
+    }
 }
 
 /// Reads the m-lines, directions and candidates of an SDP. Never fails: anything it cannot read
@@ -98,6 +176,7 @@ pub(crate) fn summarize(sdp: &str) -> SdpSummary {
     let mut session_sends = true;
     let mut current: Option<Section> = None;
     let mut seen = HashSet::new();
+    let mut pts = PayloadTypes::default();
     let close = |s: Option<Section>, session_sends: bool, out: &mut SdpSummary| {
         if let Some(s) = s
             && s.media
@@ -111,6 +190,7 @@ pub(crate) fn summarize(sdp: &str) -> SdpSummary {
         let line = line.trim_end_matches('\r');
         if let Some(rest) = line.strip_prefix("m=") {
             close(current.take(), session_sends, &mut out);
+            pts.end_section();
             out.mlines += 1;
             let mut f = rest.split_ascii_whitespace();
             let kind = f.next().unwrap_or("");
@@ -136,6 +216,7 @@ pub(crate) fn summarize(sdp: &str) -> SdpSummary {
             (None, Some(d)) => session_sends = d,
             (Some(s), None) if attr == "bundle-only" => s.bundle_only = true,
             _ => {
+                pts.attribute(attr);
                 if attr.starts_with("candidate:")
                     && let Some(k) = candidate_key(attr)
                     && seen.insert(k.clone())
@@ -146,6 +227,8 @@ pub(crate) fn summarize(sdp: &str) -> SdpSummary {
         }
     }
     close(current, session_sends, &mut out);
+    pts.end_section();
+    out.pt_conflict = pts.conflict;
     out
 }
 
@@ -218,6 +301,9 @@ impl MediaLimits {
     ) -> Result<SdpSummary, LimitError> {
         self.check_size(sdp)?;
         let s = summarize(sdp);
+        if let Some(pt) = s.pt_conflict {
+            return Err(LimitError::PayloadType { pt });
+        }
         if s.mlines > self.max_mlines {
             return Err(LimitError::Mlines {
                 got: s.mlines,
@@ -244,6 +330,9 @@ impl MediaLimits {
     ) -> Result<SdpSummary, LimitError> {
         self.check_size(sdp)?;
         let s = summarize(sdp);
+        if let Some(pt) = s.pt_conflict {
+            return Err(LimitError::PayloadType { pt });
+        }
         known.check(&s.candidates, self.max_candidates)?;
         Ok(s)
     }
@@ -402,5 +491,48 @@ mod tests {
         );
         assert_eq!(candidate_key("candidate:1 1 udp"), None);
         assert_eq!(candidate_key(""), None);
+    }
+
+    #[test]
+    fn one_payload_type_with_two_descriptions_is_refused_and_identical_ones_are_not() {
+        let audio = |extra: &str| {
+            format!("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n{extra}")
+        };
+        let video = |extra: &str| {
+            format!(
+                "m=video 9 UDP/TLS/RTP/SAVPF 96 98\r\na=rtpmap:96 VP8/90000\r\n\
+                 a=rtpmap:98 H264/90000\r\na=fmtp:98 packetization-mode=1\r\n{extra}"
+            )
+        };
+        // The fuzz find: the same number without its fmtp in another section.
+        let bad = offer(&[audio("a=rtpmap:98 H264/90000\r\n"), video("")]);
+        assert_eq!(
+            LIMITS.check_offer(&bad, None).unwrap_err(),
+            LimitError::PayloadType { pt: 98 }
+        );
+        assert_eq!(summarize(&bad).pt_conflict, Some(98));
+        // Another codec under a number already taken, and a second fmtp in one section.
+        let bad = offer(&[audio("a=rtpmap:96 H264/90000\r\n"), video("")]);
+        assert_eq!(summarize(&bad).pt_conflict, Some(96));
+        let bad = offer(&[video("a=fmtp:98 packetization-mode=0\r\n")]);
+        assert_eq!(summarize(&bad).pt_conflict, Some(98));
+        assert_eq!(
+            LIMITS
+                .check_answer(&bad, &CandidateSet::default())
+                .unwrap_err(),
+            LimitError::PayloadType { pt: 98 }
+        );
+        // Two video sections with the same payload types (a browser's camera and screen share),
+        // the encoding name in another case, and a section that does not describe the number.
+        let twin = video("").replace("H264", "h264");
+        let good = offer(&[audio(""), video(""), twin]);
+        assert_eq!(summarize(&good).pt_conflict, None);
+        let two = offer(&[audio(""), video("")]);
+        assert!(LIMITS.check_offer(&two, None).is_ok());
+        assert!(
+            LimitError::PayloadType { pt: 98 }
+                .to_string()
+                .contains("payload type 98")
+        );
     }
 }

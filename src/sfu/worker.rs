@@ -41,6 +41,7 @@ use super::{
     SubscriptionInfo, Track, TrackInfo, TrackKind, WorkerMsg,
 };
 use crate::codec::{Resolution, ResolutionProbe, VideoCodec, is_keyframe_start};
+use crate::fault::{self, Contained};
 use crate::ids::{CallId, SessionId, TrackId, UserId};
 use crate::metrics as m;
 
@@ -49,6 +50,11 @@ use crate::metrics as m;
 /// subscription's memory: 256 entries are about 100 KiB, and still a second of repair at 2 Mbit/s
 /// (0.6 s at 4 Mbit/s), far more than a NACK round trip.
 const RTX_CACHE_PACKETS: usize = 256;
+
+/// The error for an SDP or candidate whose handling panicked inside str0m (contained: only that
+/// connection is lost).
+const ENGINE_REFUSED: &str =
+    "the media engine failed on this input and closed the connection; join the room again";
 /// How long a forwarded packet can still be resent.
 const RTX_CACHE_AGE: Duration = Duration::from_millis(1000);
 /// Above this share of a stream's bytes in the last second being resends, str0m drops every
@@ -346,6 +352,16 @@ impl Outbox {
     }
 }
 
+/// After a panic inside one of `conn`'s str0m calls ([`fault::contain`]): its `Rtc` can no longer
+/// be trusted, so it is marked closed (nothing calls into it again: [`drain`] and `close_conn`
+/// look at `is_alive` first, timers skip dead connections) and the participant is removed at the
+/// end of the round, as for a connection that died.
+fn poisoned(conn: &mut Conn) {
+    tracing::warn!(user = %conn.user, room = %conn.room, "closing a media connection whose engine panicked");
+    conn.rtc.disconnect();
+    conn.dead = true;
+}
+
 /// Polls `rtc` until its timeout: transmits go to `out`, events to `events`.
 fn drain(id: ConnId, conn: &mut Conn, out: &mut Outbox, events: &mut VecDeque<(ConnId, Event)>) {
     loop {
@@ -353,7 +369,11 @@ fn drain(id: ConnId, conn: &mut Conn, out: &mut Outbox, events: &mut VecDeque<(C
             conn.dead = true;
             return;
         }
-        match conn.rtc.poll_output() {
+        let Ok(output) = fault::contain(|| conn.rtc.poll_output()) else {
+            poisoned(conn);
+            return;
+        };
+        match output {
             Ok(Output::Timeout(t)) => {
                 conn.next_timeout = t;
                 return;
@@ -611,10 +631,17 @@ impl Worker {
                 }
                 _ => input,
             };
-            if let Err(e) = conn.rtc.handle_input(input) {
-                tracing::debug!(error = %e, "rtc input failed");
-                conn.dead = true;
-                continue;
+            match fault::contain(|| conn.rtc.handle_input(input)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "rtc input failed");
+                    conn.dead = true;
+                    continue;
+                }
+                Err(Contained) => {
+                    poisoned(conn);
+                    continue;
+                }
             }
             conn.last_rx = b.at;
             if request_ufrag.is_some() {
@@ -651,9 +678,16 @@ impl Worker {
     fn timeouts(&mut self, now: Instant) {
         for (id, conn) in self.conns.iter_mut() {
             if conn.next_timeout <= now && !conn.dead {
-                if conn.rtc.handle_input(Input::Timeout(now)).is_err() {
-                    conn.dead = true;
-                    continue;
+                match fault::contain(|| conn.rtc.handle_input(Input::Timeout(now))) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => {
+                        conn.dead = true;
+                        continue;
+                    }
+                    Err(Contained) => {
+                        poisoned(conn);
+                        continue;
+                    }
                 }
                 drain(*id, conn, &mut self.out, &mut self.events);
             }
@@ -1118,11 +1152,16 @@ impl Worker {
             }
         };
         let conn = self.conns.get_mut(&id).ok_or(SfuError::Internal)?;
-        let answer = conn
-            .rtc
-            .sdp_api()
-            .accept_offer(offer)
-            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        let answer = match fault::contain(|| {
+            fault::engine_offer(user);
+            conn.rtc.sdp_api().accept_offer(offer)
+        }) {
+            Ok(r) => r.map_err(|e| SfuError::BadSdp(e.to_string()))?,
+            Err(Contained) => {
+                poisoned(conn);
+                return Err(SfuError::BadSdp(ENGINE_REFUSED.into()));
+            }
+        };
         conn.candidates.add(summary.candidates);
         drain(id, conn, &mut self.out, &mut self.events);
         // An offer with new ICE credentials restarted ICE: str0m answered with fresh ones.
@@ -1176,7 +1215,11 @@ impl Worker {
                 return Err(SfuError::BadSdp(e.to_string()));
             }
         };
-        let accepted = conn.rtc.sdp_api().accept_answer(pending, parsed);
+        let Ok(accepted) = fault::contain(|| conn.rtc.sdp_api().accept_answer(pending, parsed))
+        else {
+            poisoned(conn);
+            return Err(SfuError::BadSdp(ENGINE_REFUSED.into()));
+        };
         let result = match accepted {
             Ok(()) => {
                 conn.candidates.add(summary.candidates);
@@ -1248,7 +1291,10 @@ impl Worker {
         let c =
             Candidate::from_sdp_string(line).map_err(|e| SfuError::BadCandidate(e.to_string()))?;
         conn.candidates.add(key);
-        conn.rtc.add_remote_candidate(c);
+        if fault::contain(|| conn.rtc.add_remote_candidate(c)).is_err() {
+            poisoned(conn);
+            return Err(SfuError::BadCandidate(ENGINE_REFUSED.into()));
+        }
         drain(id, conn, &mut self.out, &mut self.events);
         Ok(())
     }
