@@ -255,10 +255,12 @@ def build():
         (rate("switchboard_udp_routes_expired_total"), "expired/s"),
     ], description="Addresses confirmed by an accepted ICE check; capped by [media] max_routes."),
           12, 8)
-    L.add(series("Media signaling refused by a limit", [
+    L.add(series("Media signaling refused; engine panics", [
         (rate("switchboard_media_limit_rejections_total", "limit"), "{{limit}}"),
-    ], unit="ops", stack=True, description="rtc_publish / rtc_answer / rtc_candidate over a "
-                                           "[media] limit."), 12, 8)
+        (rate("switchboard_contained_panics_total"), "engine panic (connection closed)"),
+    ], unit="ops", description="rtc_publish / rtc_answer / rtc_candidate over a [media] limit, "
+                               "by limit; and connections closed after a panic in the media "
+                               "engine (contained: other calls went on; see the log)."), 12, 8)
 
     L.row("Billing")
     L.add(series("Billed minutes per minute, by tier", [

@@ -594,7 +594,11 @@ impl Worker {
             }
             // For a binding request this checks the ufrags and the MESSAGE-INTEGRITY against
             // the connection's password: only a peer that was given the credentials passes.
-            if conn.dead || !conn.rtc.accepts(&input) {
+            if conn.dead {
+                continue;
+            }
+            // `accepts` reads the datagram (`&self`: a panic in it leaves the `Rtc` intact).
+            if !fault::contain(|| conn.rtc.accepts(&input)).unwrap_or(false) {
                 continue;
             }
             // A NAT rebinding: the client's checks now come from a new address and nothing has
