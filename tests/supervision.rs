@@ -13,19 +13,10 @@ use std::time::{Duration, Instant};
 use common::WAIT;
 use common::process::{free_port, start};
 use serde_json::json;
-use switchboard::client::signal::ClientError;
+use switchboard::client::signal::{ClientError, SignalClient};
 
-#[tokio::test]
-async fn a_panicking_sfu_worker_aborts_the_process() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut p = start(
-        &dir.path().join("db.sqlite"),
-        free_port(),
-        &[("SWITCHBOARD_TEST_FAULT", "worker_panic".into())],
-    )
-    .await;
-    let mut f = p.client("fault-injector").await;
-    let mut bob = p.client("bob").await;
+/// `f` calls `bob`, who accepts; returns the call ID once `f` has seen the acceptance.
+async fn accepted_call(f: &mut SignalClient, bob: &mut SignalClient) -> String {
     let r = f
         .request("call_invite", json!({"invitees": ["bob"], "timeout": 60}))
         .await
@@ -40,6 +31,21 @@ async fn a_panicking_sfu_worker_aborts_the_process() {
     f.wait_for("call_user_state_changed", WAIT)
         .await
         .expect("accepted");
+    call
+}
+
+#[tokio::test]
+async fn a_panicking_sfu_worker_aborts_the_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = start(
+        &dir.path().join("db.sqlite"),
+        free_port(),
+        &[("SWITCHBOARD_TEST_FAULT", "worker_panic".into())],
+    )
+    .await;
+    let mut f = p.client("fault-injector").await;
+    let mut bob = p.client("bob").await;
+    let call = accepted_call(&mut f, &mut bob).await;
     // Bob's join works: only the fault user's join panics.
     bob.request("rtc_join", json!({"call_id": call}))
         .await
@@ -67,17 +73,7 @@ async fn a_panic_in_one_connections_engine_call_closes_that_connection_and_the_s
     .await;
     let mut f = p.client("fault-injector").await;
     let mut bob = p.client("bob").await;
-    let r = f
-        .request("call_invite", json!({"invitees": ["bob"], "timeout": 60}))
-        .await
-        .expect("invite");
-    let call = r["call_id"].as_str().expect("call_id").to_owned();
-    bob.wait_for("call_invitation_received", WAIT)
-        .await
-        .expect("rings");
-    bob.request("call_accept", json!({"call_id": call}))
-        .await
-        .expect("accept");
+    let call = accepted_call(&mut f, &mut bob).await;
     for c in [&mut f, &mut bob] {
         c.request("rtc_join", json!({"call_id": call}))
             .await
