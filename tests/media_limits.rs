@@ -188,12 +188,7 @@ async fn each_media_limit_refuses_one_over_and_a_real_offer_at_the_limits_carrie
         .await
         .expect("end of candidates");
     // The rejections were counted.
-    let text = reqwest::get(s.http("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = common::metrics_text(&s.http("/metrics")).await;
     for limit in ["tracks", "mlines", "sdp_bytes", "candidates"] {
         assert!(
             text.lines().any(|l| l.starts_with(&format!(
@@ -267,12 +262,7 @@ async fn one_payload_type_described_as_two_codecs_is_refused_and_the_worker_live
         .await
         .expect("the server still answers the client's real offer");
     assert!(r["sdp"].as_str().is_some_and(|s| s.contains("m=video")));
-    let text = reqwest::get(s.http("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = common::metrics_text(&s.http("/metrics")).await;
     assert!(
         text.lines()
             .any(|l| l

@@ -106,12 +106,7 @@ async fn a_panic_in_one_connections_engine_call_closes_that_connection_and_the_s
         r["sdp"].as_str().is_some_and(|s| s.contains("m=video")),
         "{r}"
     );
-    let metrics = reqwest::get(p.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = common::metrics_text(&p.url("/metrics")).await;
     assert!(
         metrics
             .lines()

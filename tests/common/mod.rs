@@ -201,3 +201,13 @@ pub fn binding_request(username: &str) -> Vec<u8> {
     d.extend_from_slice(&attrs);
     d
 }
+
+/// The Prometheus text a server's `/metrics` URL serves.
+pub async fn metrics_text(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
